@@ -1,0 +1,153 @@
+"""Wiring of the controller: informers -> prioritised queue -> PortController, under leader election.
+
+Event handlers only enqueue keys (``pod:<ns>/<name>``, ``tenant:<name>``, ``sync``); all work
+happens in queue workers, one key at a time, so a periodic SYNC at the lowest priority never
+delays a new pod's network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from netctl.controller import model
+from netctl.controller.ports import Caches, PortController, TenantNotReady
+from netctl.iaas.base import IaaS
+from netctl.kube.informer import ApiListWatch, Informer
+from netctl.kube.workqueue import Priority, WorkQueue
+
+log = logging.getLogger(__name__)
+
+PORT_OPS = Counter("netctl_port_operations_total", "IaaS port operations by kind and result", ["op", "result"])
+RESYNC_SECONDS = Histogram("netctl_resync_duration_seconds", "Duration of a full pods/ports/annotations resync")
+
+SYNC_KEY = "sync"
+
+
+@dataclass
+class ControllerOptions:
+    workers: int = field(default=4, metadata={"help": "queue worker threads"})
+    resync_period_s: float = field(default=60.0, metadata={"help": "seconds between full SYNC passes"})
+    default_mtu: int = field(default=1400, metadata={"help": "pod MTU when the Tenant sets none"})
+
+
+class Controller:
+    def __init__(self, api: Any, iaas: IaaS, writer: Any, recorder: Any, opts: ControllerOptions) -> None:
+        self.opts = opts
+        self.pods = Informer(ApiListWatch(api, plural="pods"), name="pods")
+        self.namespaces = Informer(ApiListWatch(api, plural="namespaces"), name="namespaces")
+        self.nodes = Informer(ApiListWatch(api, plural="nodes"), name="nodes")
+        self.tenants = Informer(
+            ApiListWatch(api, plural="tenants", group="netctl.io", version="v1alpha1"), name="tenants"
+        )
+        self.pods.add_indexer("namespace", lambda o: [str(model.meta(o).get("namespace"))])
+        self.namespaces.add_indexer("tenant", lambda o: [t] if (t := model.tenant_label(o)) else [])
+        self.ports = PortController(
+            Caches(self.pods, self.namespaces, self.tenants, self.nodes),
+            iaas, writer, recorder, default_mtu=opts.default_mtu,
+            on_metric=lambda op, result: PORT_OPS.labels(op, result).inc(),
+        )
+        self.queue = WorkQueue("controller")
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self._wire()
+
+    # -- events -> keys --------------------------------------------------------------------------
+
+    def _wire(self) -> None:
+        q = self.queue
+        self.pods.add_handler(
+            on_add=lambda o: q.add("pod:" + model.key_of(o), Priority.ADD),
+            on_update=lambda old, new: q.add(
+                "pod:" + model.key_of(new), Priority.UPDATE if old is not new else Priority.SYNC
+            ),
+            on_delete=lambda o: q.add("pod:" + model.key_of(o), Priority.DELETE),
+        )
+        self.namespaces.add_handler(
+            on_add=self._namespace_changed,
+            on_update=lambda old, new: self._namespace_changed(new, old),
+            on_delete=self._namespace_changed,
+        )
+        self.nodes.add_handler(on_update=self._node_changed, on_add=lambda o: None)
+        self.tenants.add_handler(
+            on_add=lambda o: q.add("tenant:" + model.key_of(o), Priority.ADD),
+            on_update=lambda old, new: q.add(
+                "tenant:" + model.key_of(new),
+                Priority.UPDATE if old is not new and old.get("spec") != new.get("spec") else Priority.SYNC,
+            ),
+            on_delete=lambda o: q.add("tenant:" + model.key_of(o), Priority.DELETE),
+        )
+
+    def _namespace_changed(self, ns: model.Obj, old: model.Obj | None = None) -> None:
+        if old is not None and model.tenant_label(old) == model.tenant_label(ns) and old is not ns:
+            return
+        name = model.key_of(ns)
+        for pod in self.pods.by_index("namespace", name):
+            self.queue.add("pod:" + model.key_of(pod), Priority.UPDATE)
+
+    def _node_changed(self, old: model.Obj, new: model.Obj) -> None:
+        if old is new or model.tenant_label(old) == model.tenant_label(new):
+            return
+        self.queue.add(SYNC_KEY, Priority.UPDATE)
+
+    # -- work ------------------------------------------------------------------------------------
+
+    def handle(self, key: str, priority: Priority) -> None:
+        kind, _, name = key.partition(":")
+        if kind == "pod":
+            self.ports.sync_pod(name)  # TenantNotReady is retried with back-off; an Event says why
+        elif kind == "tenant":
+            try:
+                self.ports.sync_tenant(name)
+            except TenantNotReady:
+                # Deleted tenants have nothing to retry once their network is gone.
+                return
+        elif key == SYNC_KEY:
+            with RESYNC_SECONDS.time():
+                plan = self.ports.resync(
+                    lambda k: self.queue.add("pod:" + k, Priority.SYNC),
+                    lambda t: self.queue.add("tenant:" + t, Priority.SYNC),
+                )
+            if not plan.empty:
+                log.info(
+                    "resync: %d orphaned ports deleted; %d pods to repair",
+                    len(plan.orphan_ports), len(plan.pods_to_sync),
+                )
+        else:
+            log.error("unknown queue key %r dropped", key)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def informers(self) -> list[Informer]:
+        return [self.namespaces, self.nodes, self.tenants, self.pods]
+
+    def start_informers(self, timeout: float = 60.0) -> None:
+        for inf in self.informers():
+            inf.start()
+        for inf in self.informers():
+            if not inf.wait_for_sync(timeout):
+                raise TimeoutError(f"informer {inf.name} did not sync within {timeout} s")
+
+    def run(self) -> None:
+        """Serve the queue (as leader). A full SYNC runs first, so nothing missed while we were down is lost."""
+        self.queue.add(SYNC_KEY, Priority.SYNC)
+        self.queue.run_workers(self.opts.workers, self.handle)  # raising = retry with back-off
+        self._timer = threading.Thread(target=self._periodic, name="resync-timer", daemon=True)
+        self._timer.start()
+
+    def _periodic(self) -> None:
+        while not self._stop.wait(self.opts.resync_period_s):
+            self.queue.add(SYNC_KEY, Priority.SYNC)
+
+    def healthy(self) -> bool:
+        return all(inf.has_synced() for inf in self.informers()) and not self.queue.shutting_down
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.shutdown()
+        for inf in self.informers():
+            inf.stop()

@@ -1,0 +1,103 @@
+"""`netctl controller`: process set-up around `Controller` (config, logging, metrics, leader election)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Sequence
+
+from netctl import config
+from netctl.controller.app import Controller, ControllerOptions
+from netctl.kube.client import new_api_client
+from netctl.kube.events import ApiEventSink, EventRecorder
+from netctl.kube.leader import ApiLeaseStore, LeaderElector
+from netctl.kube.resources import KubeWriter
+from netctl.serving import Serving
+
+log = logging.getLogger("netctl.controller")
+
+
+@dataclasses.dataclass
+class ControllerConfig(config.CommonConfig):
+    """netctl controller: gives every pod in a tenant namespace an IaaS port on its tenant's network
+    and writes it to the pod annotation netctl.io/port for the CNI; frees ports of deleted pods;
+    a periodic resync removes orphans and repairs what is missing."""
+
+    backend: str = dataclasses.field(default="ovn", metadata={"help": "IaaS backend: ovn (openstack later)"})
+    ovn_nb: str = dataclasses.field(
+        default="unix:/var/run/ovn/ovnnb_db.sock",
+        metadata={"help": "OVN Northbound DB connection (unix:PATH, tcp:HOST:PORT or ssl:HOST:PORT)"},
+    )
+    chassis: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "bind every port to this OVN chassis instead of the pod's node name "
+                  "(a lab or a deployment where nodes share one hypervisor chassis)"},
+    )
+    default_mtu: int = dataclasses.field(default=1400, metadata={"help": "pod MTU when the Tenant sets none"})
+    resync_period_s: float = dataclasses.field(
+        default=60.0, metadata={"help": "seconds between full pods/ports/annotations resyncs"}
+    )
+    identity: str = dataclasses.field(
+        default="", metadata={"help": "leader-election identity (default: hostname_pid)"}
+    )
+    lease_name: str = dataclasses.field(default="netctl-controller", metadata={"help": "leader-election Lease name"})
+
+
+def _iaas(cfg: ControllerConfig):  # type: ignore[no-untyped-def]
+    if cfg.backend != "ovn":
+        raise config.ConfigError(f"backend: {cfg.backend!r} is not available (only 'ovn' in this release)")
+    from netctl.iaas.ovn import OvnIaaS
+
+    chassis = cfg.chassis
+    return OvnIaaS(cfg.ovn_nb, chassis_of=(lambda node: chassis) if chassis else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config.load(ControllerConfig, argv, prog="netctl controller")
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api = new_api_client(cfg.kubeconfig, pool_maxsize=cfg.workers + 8)
+    iaas = _iaas(cfg)
+    recorder = EventRecorder(ApiEventSink(api), component="netctl-controller")
+    ctl = Controller(api, iaas, KubeWriter(api), recorder,
+                     ControllerOptions(cfg.workers, cfg.resync_period_s, cfg.default_mtu))
+    serving = Serving(cfg.metrics_address, cfg.metrics_port)
+    serving.add_health_check("informers", ctl.healthy)
+    serving.start()
+    log.info("metrics and health on %s", serving.url)
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    ctl.start_informers()
+    identity = cfg.identity or f"{socket.gethostname()}_{os.getpid()}"
+
+    def lead() -> None:
+        log.info("%s is the leader; serving", identity)
+        ctl.run()
+
+    def lost() -> None:
+        # Never keep writing after losing the lease: another replica is already in charge.
+        log.error("%s lost leadership; exiting", identity)
+        done.set()
+
+    elector = None
+    if cfg.leader_elect:
+        elector = LeaderElector(
+            ApiLeaseStore(api), namespace=cfg.lease_namespace, name=cfg.lease_name, identity=identity,
+            on_started_leading=lead, on_stopped_leading=lost,
+        )
+        elector.start()
+    else:
+        lead()
+    done.wait()
+    log.info("shutting down")
+    if elector is not None:
+        elector.stop(release=True)
+    ctl.stop()
+    recorder.stop()
+    serving.stop()
+    return 0

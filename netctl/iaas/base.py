@@ -1,0 +1,224 @@
+"""The IaaS interface every backend (embedded OVN now, OpenStack Neutron later) implements.
+
+Kept small and backend-neutral on purpose: a tenant network with one IPv4 subnet, ports on it
+with a fixed MAC/IP (known synchronously, so the controller can annotate the pod at once) and
+port binding to a node. Every port carries its owner's identity so a resync can find and delete
+orphans after a crash (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal
+
+from netctl import ipam
+
+OwnerKind = Literal["pod", "node"]
+
+MTU_MIN = 576
+MTU_MAX = 9216
+
+
+class IaaSError(Exception):
+    """Base of everything a backend raises on purpose."""
+
+
+class NetworkNotFound(IaaSError):
+    """The tenant has no network (ensure_network was not called, or it was deleted)."""
+
+
+class PortNotFound(IaaSError):
+    """No port with that id."""
+
+
+class IaaSConflict(IaaSError):
+    """The request contradicts what already exists (e.g. same tenant, different CIDR)."""
+
+
+class IaaSUnavailable(IaaSError):
+    """The IaaS API/DB cannot be reached or did not answer in time; retry with backoff."""
+
+
+class SubnetExhausted(IaaSError, ipam.SubnetExhausted):
+    """No free address in the tenant subnet (both an IaaSError and an ipam.SubnetExhausted)."""
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What a tenant's network should look like. `reserved` addresses/CIDRs are never allocated."""
+
+    tenant: str
+    cidr: str
+    gateway: str | None
+    mtu: int = 1400
+    reserved: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.tenant or any(c.isspace() for c in self.tenant):
+            raise ValueError(f"tenant must be a non-empty name without blanks, got {self.tenant!r}")
+        net = ipaddress.IPv4Network(self.cidr)
+        if net.prefixlen > 30:
+            raise ValueError(f"cidr {self.cidr} has no room for hosts")
+        if self.gateway is not None:
+            gw = ipaddress.IPv4Address(self.gateway)
+            if gw not in net or gw in (net.network_address, net.broadcast_address):
+                raise ValueError(f"gateway {self.gateway} is not a host address of {self.cidr}")
+        if not MTU_MIN <= self.mtu <= MTU_MAX:
+            raise ValueError(f"mtu must be in {MTU_MIN}..{MTU_MAX}, got {self.mtu}")
+        for r in self.reserved:
+            ipaddress.IPv4Network(r, strict=False)
+
+
+@dataclass(frozen=True)
+class Network:
+    """A tenant network as the IaaS has it; `id` is the backend's (switch name, Neutron UUID)."""
+
+    id: str
+    tenant: str
+    cidr: str
+    gateway: str | None
+    mtu: int
+    reserved: tuple[str, ...] = ()
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.IPv4Network(self.cidr).prefixlen
+
+
+@dataclass(frozen=True)
+class PortOwner:
+    """Who a port belongs to: a pod (name/namespace/uid) or a node's own NIC (name)."""
+
+    kind: OwnerKind
+    name: str
+    namespace: str | None
+    uid: str | None
+    tenant: str
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port with its fixed address. `ip` is the address only; `extra_ips` are additional
+    allowed addresses/CIDRs in port security (a node NIC carries the Service CIDR there)."""
+
+    id: str
+    network_id: str
+    tenant: str
+    mac: str
+    ip: str
+    prefixlen: int
+    owner: PortOwner | None
+    node: str | None
+    extra_ips: tuple[str, ...] = ()
+
+    @property
+    def cidr(self) -> str:
+        """The address with its prefix length, as the annotation carries it."""
+        return f"{self.ip}/{self.prefixlen}"
+
+
+@dataclass(frozen=True)
+class PortRequest:
+    """One port for `IaaS.create_ports`."""
+
+    port_id: str
+    owner: PortOwner | None
+    node: str | None = None
+    extra_allowed_cidrs: tuple[str, ...] = field(default=())
+
+
+def port_id_for(owner: PortOwner) -> str:
+    """The deterministic port id of CONVENTIONS.md (`pod-<uid>`, `node-<name>`), so a port re-created
+    after a crash can never be a duplicate."""
+    if owner.kind == "pod":
+        if not owner.uid:
+            raise ValueError(f"pod {owner.namespace}/{owner.name} has no uid")
+        return f"pod-{owner.uid}"
+    return f"node-{owner.name}"
+
+
+class IaaS(ABC):
+    """Tenant networks and ports. All methods are thread-safe; create/delete are idempotent."""
+
+    @abstractmethod
+    def ensure_network(self, spec: NetworkSpec) -> Network:
+        """Create the tenant's network, or return it if it exists (IaaSConflict if it differs in
+        CIDR or gateway; MTU and reserved ranges are updated)."""
+
+    @abstractmethod
+    def get_network(self, tenant: str) -> Network | None: ...
+
+    @abstractmethod
+    def delete_network(self, tenant: str) -> None:
+        """Delete the tenant's network and its ports; no error if it does not exist."""
+
+    @abstractmethod
+    def list_networks(self) -> list[Network]: ...
+
+    @abstractmethod
+    def create_port(
+        self,
+        network: Network,
+        owner: PortOwner | None,
+        port_id: str,
+        node: str | None = None,
+        extra_allowed_cidrs: Sequence[str] = (),
+    ) -> Port:
+        """Create a port with a fresh address; an existing port with that id is returned unchanged."""
+
+    @abstractmethod
+    def create_ports(self, network: Network, requests: Iterable[PortRequest]) -> list[Port]:
+        """Create many ports in one transaction, each with a distinct address; results are in
+        request order (existing ids are returned unchanged)."""
+
+    @abstractmethod
+    def bind_port(self, port_id: str, node: str) -> Port:
+        """Bind the port to `node` (the data path comes up there); PortNotFound if it is gone."""
+
+    @abstractmethod
+    def delete_port(self, port_id: str) -> None:
+        """Delete the port; no error if it does not exist."""
+
+    @abstractmethod
+    def delete_ports(self, port_ids: Iterable[str]) -> None:
+        """Delete many ports in one transaction; missing ones are skipped."""
+
+    @abstractmethod
+    def get_port(self, port_id: str) -> Port | None: ...
+
+    @abstractmethod
+    def list_ports(self, tenant: str | None = None) -> list[Port]:
+        """netctl's ports (all tenants, or one)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold a connection
+        """Release connections; the object is unusable afterwards."""
+
+    def __enter__(self) -> IaaS:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+__all__ = [
+    "IaaS",
+    "IaaSConflict",
+    "IaaSError",
+    "IaaSUnavailable",
+    "Network",
+    "NetworkNotFound",
+    "NetworkSpec",
+    "OwnerKind",
+    "Port",
+    "PortNotFound",
+    "PortOwner",
+    "PortRequest",
+    "SubnetExhausted",
+    "port_id_for",
+]

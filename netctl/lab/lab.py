@@ -1,0 +1,412 @@
+"""The local lab: everything the slice needs on one machine, described by a `Topology`.
+
+Pieces, in start order (each one is a real program, started by hand, no systemd):
+  hypervisor netns  `<prefix>hv` — ovsdb-server + ovs-vswitchd (netdev datapath) with br-int,
+                    and ovn-controller: the one chassis every lab node's VM NICs and pods plug into
+  OVN central       NB + SB ovsdb-servers and ovn-northd (unix sockets under the run dir)
+  mgmt network      a root-namespace bridge; the API server listens on it, node VMs reach it
+  control plane     etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+  controller        `netctl controller` (a separate process, so tests can kill and restart it)
+  nodes             per node a netns "VM" with a mgmt NIC, a NIC on its tenant network (an OVN port
+                    the lab creates as the IaaS would) and its own containerd + kubelet, which run
+                    `netctl-cni` from the node's CNI config dir for every pod
+
+A lab records itself in `<run_dir>/lab.json`, so `netctl lab down` in another process removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from netctl.annotations import PORT_ANNOTATION, TENANT_LABEL, AnnotationError, PortAnnotation
+from netctl.lab.topology import NodeSpec, PodSpec, Topology, demo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = Path(os.environ.get("NETCTL_LAB_DIR", "/var/lib/netctl/lab"))
+BRIDGE = "br-int"
+POD_PORT = 8080
+LAB_IMAGE = "netctl.io/lab/busybox:1"
+REPO = Path(__file__).resolve().parents[2]
+
+Progress = Callable[[str], None]
+
+
+def _venv_bin(name: str) -> str:
+    """The console script next to the running interpreter (the project's venv)."""
+    cand = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    return str(cand) if cand.exists() else (found or name)
+
+
+@dataclasses.dataclass
+class LabState:
+    prefix: str
+    run_dir: str
+    mgmt_cidr: str = ""
+    netns: list[str] = dataclasses.field(default_factory=list)
+    nodes: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    started: float = 0.0
+    ready: bool = False
+
+    @classmethod
+    def load(cls, run_dir: Path) -> LabState | None:
+        try:
+            return cls(**json.loads((run_dir / "lab.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save(self) -> None:
+        path = Path(self.run_dir) / "lab.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        tmp.replace(path)
+
+
+class Lab:
+    """`with Lab(topology) as lab:` brings the lab up and always tears it down."""
+
+    def __init__(
+        self,
+        topology: Topology | None = None,
+        run_dir: Path | str = DEFAULT_RUN_DIR,
+        prefix: str | None = None,
+        progress: Progress | None = None,
+        controller_args: tuple[str, ...] = (),
+    ) -> None:
+        self.topology = topology or demo()
+        self.run_dir = Path(run_dir).absolute()
+        self.prefix = prefix or ("nl" + secrets.token_hex(2))
+        self.progress = progress or (lambda msg: log.info("%s", msg))
+        self.controller_args = controller_args
+        self.hv_netns = f"{self.prefix}hv"
+        self.chassis = f"{self.prefix}-chassis"
+        self.state = LabState(self.prefix, str(self.run_dir))
+        self.ovs: Any = None
+        self.ovn: Any = None
+        self.mgmt: Any = None
+        self.cp: Any = None
+        self.iaas: Any = None
+        self.controller: Any = None
+        self.runtimes: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+
+    @staticmethod
+    def is_healthy(run_dir: Path) -> bool:
+        """Every daemon the lab recorded a pidfile for is still alive."""
+        pidfiles = list(Path(run_dir).rglob("*.pid"))
+        for pidfile in pidfiles:
+            try:
+                os.kill(int(pidfile.read_text().split()[0]), 0)
+            except (OSError, ValueError, IndexError):
+                return False
+        return bool(pidfiles)
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def node_netns(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return Path(self.cp.kubeconfig("admin"))
+
+    # -- bring-up --------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if os.environ.get("NETCTL_KEEP_LAB"):
+            self.progress(f"NETCTL_KEEP_LAB set: leaving the lab in {self.run_dir}")
+            return
+        self.down()
+
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        self.progress(f"… {what}")
+        t0 = time.monotonic()
+        yield
+        self.timings[what] = time.monotonic() - t0
+        self.progress(f"✓ {what} ({self.timings[what]:.1f} s)")
+
+    def up(self) -> Lab:
+        from netctl.iaas.ovn import OvnIaaS
+        from netctl.lab.hosts import MgmtNetwork, pick_free_cidr
+        from netctl.lab.k8s import ControlPlane
+        from netctl.lab.ovs import OvnStack, OvsStack
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state.started = time.time()
+        self.state.netns.append(self.hv_netns)
+        self.state.save()
+        with self._step("OVS (netdev datapath) and OVN in the hypervisor netns"):
+            self.ovs = OvsStack(self.run_dir / "ovs", netns=self.hv_netns).start()
+            self.ovs.add_bridge(BRIDGE)
+            self.ovn = OvnStack(self.run_dir / "ovn", self.ovs, bridge=BRIDGE, system_id=self.chassis).start()
+            self.iaas = OvnIaaS(self.ovn.nb_connection, chassis_of=lambda node: self.chassis)
+        with self._step("Kubernetes control plane (etcd, apiserver, controller-manager, scheduler)"):
+            self.state.mgmt_cidr = pick_free_cidr()
+            self.state.save()
+            self.mgmt = MgmtNetwork(self.prefix, self.state.mgmt_cidr).create()
+            self.cp = ControlPlane(
+                self.run_dir / "k8s", self.mgmt.address, self.prefix, self.topology.service_cidr,
+                nodes=[n.name for n in self.topology.nodes],
+            ).start()
+            self.cp.apply(REPO / "deploy" / "crds" / "tenant.yaml")
+            self._wait_crd()
+        with self._step("tenants and their namespaces"):
+            self._apply_tenants()
+        with self._step("netctl controller"):
+            self.start_controller()
+            for t in self.topology.tenants:
+                self.wait_network(t.name)
+        with self._step(f"{len(self.topology.nodes)} tenant nodes (netns VM, kubelet, containerd)"):
+            self._start_nodes()
+        self.state.ready = True
+        self.state.save()
+        return self
+
+    def _wait_crd(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.cp.kubectl("get", "crd", "tenants.netctl.io", "-o",
+                                  "jsonpath={.status.conditions[?(@.type=='Established')].status}", check=False)
+            if out.strip() == "True":
+                return
+            time.sleep(0.2)
+        raise TimeoutError("the Tenant CRD was not established in time")
+
+    def _apply_tenants(self) -> None:
+        docs = []
+        for t in self.topology.tenants:
+            spec: dict[str, Any] = {"cidr": t.cidr}
+            if t.gateway:
+                spec["gateway"] = t.gateway
+            docs.append({"apiVersion": "netctl.io/v1alpha1", "kind": "Tenant", "metadata": {"name": t.name},
+                         "spec": spec})
+            docs.append({"apiVersion": "v1", "kind": "Namespace",
+                         "metadata": {"name": t.namespace, "labels": {TENANT_LABEL: t.name}}})
+        path = self.run_dir / "tenants.yaml"
+        path.write_text("\n---\n".join(json.dumps(d) for d in docs))
+        self.cp.apply(path)
+        for t in self.topology.tenants:
+            self.cp.wait_service_account(t.namespace)
+
+    # -- the controller --------------------------------------------------------------------------
+
+    def start_controller(self) -> None:
+        from netctl.lab.procs import Daemon, free_port
+
+        argv = [
+            _venv_bin("netctl"), "controller",
+            f"--kubeconfig={self.cp.kubeconfig('netctl-controller')}",
+            f"--ovn-nb={self.ovn.nb_connection}",
+            f"--chassis={self.chassis}",
+            f"--metrics-port={free_port()}",
+            "--lease-namespace=kube-system",
+            *self.controller_args,
+        ]
+        self.controller = Daemon(
+            "netctl-controller", argv, self.run_dir / "controller.log", self.run_dir / "controller.pid"
+        )
+        self.controller.start()
+
+    def stop_controller(self, kill: bool = False) -> None:
+        if self.controller is None:
+            return
+        pid = self.controller.pid
+        if kill and pid:
+            os.kill(pid, 9)
+            deadline = time.monotonic() + 10
+            while self.controller.pid and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            self.controller.stop()
+
+    def wait_network(self, tenant: str, timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            net = self.iaas.get_network(tenant)
+            if net is not None:
+                return net
+            if self.controller is not None and self.controller.pid is None:
+                raise RuntimeError(f"the controller exited; see {self.run_dir / 'controller.log'}")
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"the controller did not create tenant {tenant}'s network; see {self.run_dir}/controller.log"
+        )
+
+    # -- nodes -----------------------------------------------------------------------------------
+
+    def _cni_bin_dir(self) -> Path:
+        d = self.run_dir / "cni-bin"
+        d.mkdir(parents=True, exist_ok=True)
+        for plugin in Path("/usr/lib/cni").glob("*"):
+            link = d / plugin.name
+            if not link.exists():
+                link.symlink_to(plugin)
+        link = d / "netctl-cni"
+        if not link.exists():
+            link.symlink_to(_venv_bin("netctl-cni"))
+        return d
+
+    def cni_conflist(self, node: NodeSpec) -> dict[str, Any]:
+        return {
+            "cniVersion": "1.0.0",
+            "name": "netctl",
+            "plugins": [{
+                "type": "netctl-cni",
+                "kubeconfig": str(self.cp.kubeconfig("netctl-cni")),
+                "nodeName": node.name,
+                "ovsdb": self.ovs.db_connection,
+                "bridge": BRIDGE,
+                "ovsNetns": f"/run/netns/{self.hv_netns}",
+                "logFile": str(self.run_dir / "nodes" / node.name / "cni.log"),
+            }],
+        }
+
+    def _start_nodes(self) -> None:
+        bin_dir = self._cni_bin_dir()
+        with ThreadPoolExecutor(max(1, len(self.topology.nodes))) as pool:
+            list(pool.map(lambda n: self._start_node(n, bin_dir), self.topology.nodes))
+
+    def _start_node(self, node: NodeSpec, bin_dir: Path) -> None:
+        from netctl.lab.runtime import NodeRuntime
+
+        netns = self.node_netns(node.name)
+        self.state.netns.append(netns)
+        self.state.save()
+        mgmt_ip = self.mgmt.add_host(netns)
+        nic = self.attach_node_nic(node, netns)
+        node_dir = self.run_dir / "nodes" / node.name
+        conf_dir = node_dir / "cni-conf"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        (conf_dir / "10-netctl.conflist").write_text(json.dumps(self.cni_conflist(node), indent=2))
+        rt = NodeRuntime(
+            node.name, netns, mgmt_ip, node_dir / "runtime", self.cp, bin_dir, conf_dir,
+            labels={TENANT_LABEL: node.tenant}, prefix=self.prefix,
+        )
+        self.runtimes[node.name] = rt
+        self.state.nodes[node.name] = {"netns": netns, "mgmt_ip": mgmt_ip, "tenant_ip": nic.ip,
+                                       "tenant": node.tenant}
+        self.state.save()
+        rt.start()
+
+    def attach_node_nic(self, node: NodeSpec, netns: str) -> Any:
+        """What the IaaS does for a VM: a port on the tenant network, plugged as the VM's `eth1`."""
+        from cni.ovs_binding import plug_port
+
+        from netctl.iaas.base import PortOwner
+
+        net = self.wait_network(node.tenant)
+        owner = PortOwner(kind="node", name=node.name, namespace=None, uid=None, tenant=node.tenant)
+        port = self.iaas.create_port(net, owner, f"node-{node.name}", node=node.name,
+                                     extra_allowed_cidrs=(self.topology.service_cidr,))
+        plug_port(
+            ovsdb=self.ovs.db_connection, bridge=BRIDGE, ovs_netns=f"/run/netns/{self.hv_netns}",
+            target_netns=f"/run/netns/{netns}", ifname="eth1", host_ifname=f"{self.prefix}n{node.name[-6:]}"[:15],
+            port_id=port.id, mac=port.mac, cidr=f"{port.ip}/{port.prefixlen}", gateway=None, mtu=net.mtu,
+            owner_tag=f"node:{node.name}",
+        )
+        return port
+
+    # -- pods ------------------------------------------------------------------------------------
+
+    def pod_manifest(self, pod: PodSpec) -> dict[str, Any]:
+        t = self.topology.tenant(pod.tenant)
+        selector = {TENANT_LABEL: pod.tenant}
+        if pod.node:
+            selector["kubernetes.io/hostname"] = pod.node
+        return {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod.name, "namespace": t.namespace, "labels": {"app": "netctl-demo"}},
+            "spec": {
+                "nodeSelector": selector,
+                "terminationGracePeriodSeconds": 1,
+                "automountServiceAccountToken": False,
+                "containers": [{
+                    "name": "web", "image": LAB_IMAGE, "imagePullPolicy": "Never",
+                    "command": ["/bin/busybox", "httpd", "-f", "-p", str(POD_PORT), "-h", "/"],
+                }],
+            },
+        }
+
+    def create_pods(self, pods: tuple[PodSpec, ...] | None = None) -> None:
+        pods = self.topology.pods if pods is None else pods
+        path = self.run_dir / "pods.yaml"
+        path.write_text("\n---\n".join(json.dumps(self.pod_manifest(p)) for p in pods))
+        self.cp.kubectl("apply", "-f", str(path))
+
+    def pods(self) -> list[dict[str, Any]]:
+        out = self.cp.kubectl("get", "pods", "-A", "-l", "app=netctl-demo", "-o", "json")
+        items: list[dict[str, Any]] = json.loads(out)["items"]
+        return items
+
+    def wait_pods_running(self, names: set[str] | None = None, timeout: float = 120.0) -> list[dict[str, Any]]:
+        want = names if names is not None else {p.name for p in self.topology.pods}
+        deadline = time.monotonic() + timeout
+        while True:
+            pods = [p for p in self.pods() if p["metadata"]["name"] in want]
+            running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+            if len(running) == len(want):
+                return running
+            if time.monotonic() > deadline:
+                states = {p["metadata"]["name"]: (p.get("status") or {}).get("phase") for p in pods}
+                raise TimeoutError(f"pods not Running after {timeout:.0f} s: {states}")
+            time.sleep(0.3)
+
+    def pod_netns(self, namespace: str, name: str, node: str) -> str:
+        path: str = self.runtimes[node].pod_netns(namespace, name)
+        return path
+
+    def pod_table(self, probe: bool = True) -> list[dict[str, Any]]:
+        """Pod, tenant, node, IP, and which other pods it reaches over TCP."""
+        from netctl.lab.probe import probe_matrix
+
+        rows = []
+        for p in self.pods():
+            ann = (p["metadata"].get("annotations") or {}).get(PORT_ANNOTATION)
+            try:
+                port = PortAnnotation.from_json(ann) if ann else None
+            except AnnotationError:
+                port = None
+            rows.append({
+                "pod": p["metadata"]["name"], "namespace": p["metadata"]["namespace"],
+                "tenant": port.tenant if port else "?", "node": p["spec"].get("nodeName") or "-",
+                "ip": (p.get("status") or {}).get("podIP") or "-", "phase": (p.get("status") or {}).get("phase"),
+            })
+        rows.sort(key=lambda r: (r["tenant"], r["pod"]))
+        if probe:
+            running = [r for r in rows if r["phase"] == "Running" and r["ip"] != "-"]
+            sources = {r["pod"]: self.pod_netns(r["namespace"], r["pod"], r["node"]) for r in running}
+            targets = {r["pod"]: r["ip"] for r in running}
+            matrix = probe_matrix(sources, targets, POD_PORT)
+            for r in rows:
+                r["reaches"] = sorted(d for (s, d), ok in matrix.items() if s == r["pod"] and ok)
+        return rows
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Remove everything this lab created; safe to call twice or on a half-built lab."""
+        from netctl.lab import teardown
+
+        teardown.remove_lab(self.run_dir, self.state if self.state.prefix else None, live=self)

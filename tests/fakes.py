@@ -1,0 +1,177 @@
+"""In-memory fakes of *our own* interfaces (IaaS, informer cache, writer, recorder) for unit tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from netctl.iaas.base import IaaS, Network, NetworkSpec, Port, PortOwner, PortRequest
+from netctl.ipam import SubnetAllocator, mac_for_ip
+
+
+class FakeIaaS(IaaS):
+    """Behaves like a backend: idempotent creates, one allocator per network, thread-safe."""
+
+    def __init__(self) -> None:
+        self.networks: dict[str, Network] = {}
+        self.ports: dict[str, Port] = {}
+        self.alloc: dict[str, SubnetAllocator] = {}
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def ensure_network(self, spec: NetworkSpec) -> Network:
+        with self._lock:
+            self.calls.append(f"ensure_network {spec.tenant}")
+            net = self.networks.get(spec.tenant)
+            if net is None:
+                gw = spec.gateway or str(next(ipaddress.ip_network(spec.cidr).hosts()))
+                net = Network(f"netctl-{spec.tenant}", spec.tenant, spec.cidr, gw, spec.mtu)
+                self.networks[spec.tenant] = net
+                self.alloc[spec.tenant] = SubnetAllocator(spec.cidr, gateway=gw)
+            return net
+
+    def get_network(self, tenant: str) -> Network | None:
+        return self.networks.get(tenant)
+
+    def delete_network(self, tenant: str) -> None:
+        with self._lock:
+            self.calls.append(f"delete_network {tenant}")
+            self.networks.pop(tenant, None)
+            for pid in [p.id for p in self.ports.values() if p.tenant == tenant]:
+                del self.ports[pid]
+
+    def list_networks(self) -> list[Network]:
+        return list(self.networks.values())
+
+    def create_port(
+        self, network: Network, owner: PortOwner | None, port_id: str, node: str | None = None,
+        extra_allowed_cidrs: Sequence[str] = (),
+    ) -> Port:
+        return self.create_ports(network, [PortRequest(port_id, owner, node, tuple(extra_allowed_cidrs))])[0]
+
+    def create_ports(self, network: Network, requests: Iterable[PortRequest]) -> list[Port]:
+        out = []
+        with self._lock:
+            for r in requests:
+                self.calls.append(f"create_port {r.port_id}")
+                if r.port_id in self.ports:
+                    out.append(self.ports[r.port_id])
+                    continue
+                ip = self.alloc[network.tenant].allocate(r.port_id)
+                port = Port(r.port_id, network.id, network.tenant, mac_for_ip(ip), ip,
+                            network.prefixlen, r.owner, r.node, r.extra_allowed_cidrs)
+                self.ports[r.port_id] = port
+                out.append(port)
+        return out
+
+    def bind_port(self, port_id: str, node: str) -> Port:
+        with self._lock:
+            self.calls.append(f"bind_port {port_id} {node}")
+            port = dataclasses.replace(self.ports[port_id], node=node)
+            self.ports[port_id] = port
+            return port
+
+    def delete_port(self, port_id: str) -> None:
+        self.delete_ports([port_id])
+
+    def delete_ports(self, port_ids: Iterable[str]) -> None:
+        with self._lock:
+            for pid in port_ids:
+                self.calls.append(f"delete_port {pid}")
+                port = self.ports.pop(pid, None)
+                if port is not None:
+                    self.alloc[port.tenant].release(port.ip)
+
+    def get_port(self, port_id: str) -> Port | None:
+        return self.ports.get(port_id)
+
+    def list_ports(self, tenant: str | None = None) -> list[Port]:
+        return [p for p in self.ports.values() if tenant is None or p.tenant == tenant]
+
+
+class FakeCache:
+    def __init__(self, objs: Iterable[dict[str, Any]] = ()) -> None:
+        self.objs: dict[str, dict[str, Any]] = {}
+        for o in objs:
+            self.put(o)
+
+    @staticmethod
+    def _key(o: dict[str, Any]) -> str:
+        m = o["metadata"]
+        return f"{m['namespace']}/{m['name']}" if m.get("namespace") else m["name"]
+
+    def put(self, o: dict[str, Any]) -> None:
+        self.objs[self._key(o)] = o
+
+    def remove(self, key: str) -> None:
+        self.objs.pop(key, None)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.objs.get(key)
+
+    def list(self) -> list[dict[str, Any]]:
+        return list(self.objs.values())
+
+    def by_index(self, index: str, value: str) -> list[dict[str, Any]]:
+        return [o for o in self.objs.values() if o["metadata"].get(index) == value]
+
+
+class FakeWriter:
+    def __init__(self, pods: FakeCache | None = None) -> None:
+        self.pods = pods
+        self.patches: list[tuple[str, str, dict[str, str | None]]] = []
+        self.statuses: dict[str, dict[str, Any]] = {}
+
+    def patch_pod_annotations(
+        self, namespace: str, name: str, annotations: dict[str, str | None], uid: str | None = None
+    ) -> None:
+        self.patches.append((namespace, name, annotations))
+        if self.pods is not None:  # reflect the write back into the cache, as the watch would
+            pod = self.pods.get(f"{namespace}/{name}")
+            if pod is not None:
+                assert uid is None or pod["metadata"]["uid"] == uid
+                anns = pod["metadata"].setdefault("annotations", {})
+                for k, v in annotations.items():
+                    if v is None:
+                        anns.pop(k, None)
+                    else:
+                        anns[k] = v
+
+    def patch_tenant_status(self, name: str, status: dict[str, Any]) -> None:
+        self.statuses[name] = status
+
+
+class FakeRecorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str, str]] = []
+
+    def record(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        m = obj.get("metadata", {})
+        self.events.append((f"{m.get('namespace')}/{m.get('name')}", type_, reason, message))
+
+
+def pod(name: str, ns: str = "tenant-a", uid: str | None = None, node: str | None = None,
+        **extra: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid or f"uid-{name}", "annotations": {}},
+        "spec": {"nodeName": node} if node else {},
+        "status": {"phase": "Pending"},
+    }
+    obj.update(extra)
+    return obj
+
+
+def namespace(name: str, tenant: str | None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"netctl.io/tenant": tenant} if tenant else {}}}
+
+
+def node(name: str, tenant: str | None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"netctl.io/tenant": tenant} if tenant else {}}}
+
+
+def tenant(name: str, cidr: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "generation": 1}, "spec": {"cidr": cidr}}
