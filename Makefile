@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 k8s:
 	@bash tools/build-k8s.sh >/dev/null
 
+# The Kubernetes binaries of exactly this checkout's patch level (tools/patches).
+K8S_ENV = NETCTL_K8S_BIN=$$(bash tools/build-k8s.sh)
+
 lab: deps
-	@$(VENV)/bin/netctl lab up --demo
+	@$(K8S_ENV) $(VENV)/bin/netctl lab up --demo
 
 lab-down:
 	@$(VENV)/bin/netctl lab down
@@ -37,10 +40,10 @@ unit: $(STAMP)
 	@$(PY) -m pytest -q tests
 
 netns: deps
-	@$(PY) -m pytest -q netns_tests --require-netns
+	@$(K8S_ENV) $(PY) -m pytest -q netns_tests --require-netns
 
 test: deps lint
-	@$(PY) -m pytest -q tests netns_tests --require-netns
+	@$(K8S_ENV) $(PY) -m pytest -q tests netns_tests --require-netns
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

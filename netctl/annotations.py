@@ -145,4 +145,5 @@ class PortAnnotation:
         missing = [k for k in _KEYS if k not in data and k not in _OPTIONAL]
         if missing:
             raise AnnotationError(f"annotation {PORT_ANNOTATION} lacks {', '.join(missing)}")
-        return cls(**{attr: data.get(key) for key, attr in _KEYS.items()})
+        fields: dict[str, Any] = {attr: data.get(key) for key, attr in _KEYS.items()}
+        return cls(**fields)

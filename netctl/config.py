@@ -47,9 +47,7 @@ class CommonConfig:
     resync_period_s: float = dataclasses.field(
         default=300.0, metadata={"help": "seconds between full resyncs of cached objects (0 = never)"}
     )
-    leader_elect: bool = dataclasses.field(
-        default=True, metadata={"help": "run leader election (one active replica)"}
-    )
+    leader_elect: bool = dataclasses.field(default=True, metadata={"help": "run leader election (one active replica)"})
     lease_name: str = dataclasses.field(default="netctl", metadata={"help": "leader-election Lease name"})
     lease_namespace: str = dataclasses.field(
         default="kube-system", metadata={"help": "leader-election Lease namespace"}
@@ -127,18 +125,14 @@ def _convert(name: str, tp: Any, value: Any, source: str) -> Any:
     raise ConfigError(f"{name}: unsupported field type {tp!r}")
 
 
-def build_parser(
-    cls: type[Any], prog: str | None = None, description: str | None = None
-) -> argparse.ArgumentParser:
+def build_parser(cls: type[Any], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field; unset flags are absent from the namespace."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip() or None,
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument(
-        "--config", metavar="FILE", help=f"YAML or JSON settings file (env {ENV_PREFIX}CONFIG)"
-    )
+    parser.add_argument("--config", metavar="FILE", help=f"YAML or JSON settings file (env {ENV_PREFIX}CONFIG)")
     for f, tp in _fields(cls):
         base, _ = _unwrap_optional(tp)
         default = _default_of(f)

@@ -111,16 +111,19 @@ class SubnetAllocator:
         with self._lock:
             self._used[host] = owner
 
-    def sync(self, in_use: Iterable[str]) -> None:
-        """Replace the used set with the authoritative one; addresses outside the subnet
-        (or unparsable) are ignored. Keeps the rotation cursor."""
-        used: dict[int, str] = {}
+    def sync(self, in_use: Iterable[str | int]) -> None:
+        """Replace the used set with the authoritative one (dotted strings, or ints as
+        `int(IPv4Address)` for callers that keep a parsed cache); addresses outside the subnet
+        or unparsable are ignored. Keeps the rotation cursor."""
+        lo, hi = self._first, self._last_host
+        ints: list[int] = []
         for ip in in_use:
-            try:
-                addr = ipaddress.IPv4Address(ip)
-            except ValueError:
-                continue
-            if self._contains(addr):
-                used[int(addr)] = ""
+            if not isinstance(ip, int):
+                try:
+                    ip = int(ipaddress.IPv4Address(ip))
+                except ValueError:
+                    continue
+            ints.append(ip)
+        used = dict.fromkeys((i for i in ints if lo <= i <= hi), "")
         with self._lock:
             self._used = used

@@ -109,7 +109,9 @@ class Serving:
         server = server_cls((self.address, self._requested_port), _Handler)
         server.serving = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="serving", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="serving", daemon=True
+        )
         self._thread.start()
         log.info("serving /metrics and /healthz on %s", self.url)
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,19 +55,20 @@ class OvnEnv:
         return self.ovs.netns
 
     def nbctl(self, *args: str) -> str:
-        out = subprocess.run(["ovn-nbctl", f"--db={self.ovn.nb_connection}", *args],
-                             check=True, capture_output=True, text=True)
-        return out.stdout.strip()
+        return _ctl("ovn-nbctl", f"--db={self.ovn.nb_connection}", *args)
 
     def sbctl(self, *args: str) -> str:
-        out = subprocess.run(["ovn-sbctl", f"--db={self.ovn.sb_connection}", *args],
-                             check=True, capture_output=True, text=True)
-        return out.stdout.strip()
+        return _ctl("ovn-sbctl", f"--db={self.ovn.sb_connection}", *args)
 
     def vsctl(self, *args: str) -> str:
-        out = subprocess.run(["ovs-vsctl", f"--db={self.ovs.db_connection}", *args],
-                             check=True, capture_output=True, text=True)
-        return out.stdout.strip()
+        return _ctl("ovs-vsctl", f"--db={self.ovs.db_connection}", *args)
+
+
+def _ctl(*argv: str) -> str:
+    out = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout.strip()
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +113,7 @@ class PodNs:
     name: str
     host_if: str
     port: Port
-    created: list[str] = field(default_factory=list)
+    plugged_at: float = 0.0  # time.monotonic() when the host end joined the bridge
 
     def exec(self, *argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", self.name, *argv, timeout=timeout, check=check)
@@ -142,6 +143,7 @@ class Pods:
         pod.exec("ethtool", "-K", "eth0", "tx", "off")
         run("ip", "netns", "exec", env.hv_netns, "ethtool", "-K", host, "tx", "off")
         env.ovs.add_port(env.bridge, host, {"iface-id": port.id})
+        pod.plugged_at = time.monotonic()
         return pod
 
     def cleanup(self) -> None:
@@ -177,7 +179,10 @@ while True:
     except socket.timeout:
         break
     with c:
-        data = c.recv(65536)
+        c.settimeout(30)
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
         c.sendall(b"echo:" + data)
 """
 

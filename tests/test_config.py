@@ -76,7 +76,7 @@ def test_bad_values_name_the_setting_and_source(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load(CommonConfig, ["--config", str(path)], env={})
-    with pytest.raises(ConfigError, match="missing.yaml"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load(CommonConfig, ["--config", str(tmp_path / "missing.yaml")], env={})
 
 

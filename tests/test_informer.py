@@ -114,8 +114,9 @@ class Recorder:
     def on_update(self, old, new):
         with self.lock:
             kind = "resync" if old is new else "update"
-            self.events.append((kind, key_of(new), old["metadata"].get("resourceVersion"),
-                                new["metadata"].get("resourceVersion")))
+            self.events.append(
+                (kind, key_of(new), old["metadata"].get("resourceVersion"), new["metadata"].get("resourceVersion"))
+            )
 
     def on_delete(self, obj):
         with self.lock:

@@ -220,7 +220,7 @@ def test_racing_writers_one_wins_by_resource_version(world):
     a.step()
     a.release()
     # both read the released lease; b writes first; a's write carries the stale resourceVersion
-    results = {}
+    results: dict[str, bool] = {}
     a_view.after_get = lambda: results.setdefault("b", b.step())
     results["a"] = a.step()
     assert results == {"b": True, "a": False}
@@ -231,7 +231,7 @@ def test_racing_creators_one_wins(world):
     _store, _clock, _calls, candidate = world
     a, a_view = candidate("a")
     b, _ = candidate("b")
-    results = {}
+    results: dict[str, bool] = {}
     a_view.after_get = lambda: results.setdefault("b", b.step())
     results["a"] = a.step()
     assert results == {"b": True, "a": False}
@@ -284,12 +284,21 @@ def test_timing_must_be_ordered():
 
 def test_background_threads_hand_over_on_stop():
     store = FakeLeaseStore()
-    timing = {"lease_duration_s": 2.0, "renew_deadline_s": 1.5, "retry_period_s": 0.01}
     started = {"a": threading.Event(), "b": threading.Event()}
-    a = LeaderElector(store, name="l", namespace="n", identity="a",
-                      on_started_leading=started["a"].set, **timing)
-    b = LeaderElector(store, name="l", namespace="n", identity="b",
-                      on_started_leading=started["b"].set, **timing)
+
+    def candidate(identity: str) -> LeaderElector:
+        return LeaderElector(
+            store,
+            name="l",
+            namespace="n",
+            identity=identity,
+            on_started_leading=started[identity].set,
+            lease_duration_s=2.0,
+            renew_deadline_s=1.5,
+            retry_period_s=0.01,
+        )
+
+    a, b = candidate("a"), candidate("b")
     a.start()
     assert started["a"].wait(10)
     b.start()

@@ -155,7 +155,12 @@ def test_key_dropped_after_max_retries(registry):
     calls: Counter[str] = Counter()
     try:
         q.add("bad", Priority.UPDATE)
-        q.run_workers(1, lambda key, _p: (calls.update([key]), 1 / 0))
+
+        def always_fails(key: str, _priority: Priority) -> None:
+            calls.update([key])
+            raise RuntimeError("permanent")
+
+        q.run_workers(1, always_fails)
         assert wait_until(lambda: q.dropped == 1)
         assert calls["bad"] == 3  # first try + 2 retries
         assert metric(registry, "netctl_workqueue_drops_total", name="drop") == 1
@@ -197,7 +202,7 @@ def test_shutdown_stops_workers_and_ignores_new_adds(registry):
     q = WorkQueue("sd", registry=registry)
     started = threading.Event()
     release = threading.Event()
-    seen = defaultdict(int)
+    seen: defaultdict[str, int] = defaultdict(int)
 
     def handler(key, _p):
         seen[key] += 1

@@ -13,7 +13,13 @@ if [[ ! -f $SRC_LIST ]]; then
   apt-get update -qq
 fi
 VERSION=$(apt-cache showsrc kubernetes | awk '/^Version:/{print $2; exit}')
-OUT="$CACHE/k8s/$VERSION"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+# Our patches to the vendored sources; the cache key changes with them. Without
+# reflect2-go1.18-mapiter the Go 1.19 build of 1.20's apiserver segfaults encoding any map through
+# json-iterator (custom resources, for one): reflect.mapiterinit changed signature in Go 1.18.
+PATCHES=("$HERE"/patches/*.patch)
+PATCH_ID=$(cat "${PATCHES[@]}" | sha256sum | cut -c1-8)
+OUT="$CACHE/k8s/$VERSION-$PATCH_ID"
 have_all() { for b in "${BINS[@]}"; do [[ -x $OUT/$b ]] || return 1; done; }
 if have_all; then echo "$OUT"; exit 0; fi
 WORK="$CACHE/k8s-src"
@@ -25,6 +31,11 @@ if ! ls -d kubernetes-*/ >/dev/null 2>&1; then
 fi
 TREE=$(ls -d "$WORK"/kubernetes-*/ | head -1)
 cd "$TREE"
+for p in "${PATCHES[@]}"; do
+  if patch -p1 -R --dry-run -s -f < "$p" >/dev/null 2>&1; then continue; fi  # already applied
+  echo "netctl: applying $(basename "$p")" >&2
+  patch -p1 --forward -s < "$p" >&2
+done
 for b in "${BINS[@]}"; do
   [[ -x $OUT/$b ]] && continue
   echo "netctl: building $b (several minutes on 2 cores)" >&2

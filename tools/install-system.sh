@@ -7,7 +7,7 @@ PKGS=(
   nftables python3-nftables iproute2 ethtool iputils-ping conntrack
   haproxy keepalived busybox-static
   golang-go rsync make build-essential dpkg-dev  # build of Kubernetes 1.20 from Debian source
-  user-mode-linux containernetworking-plugins openssl
+  user-mode-linux containernetworking-plugins openssl patch
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -44,7 +44,6 @@ class ControllerConfig(config.CommonConfig):
     identity: str = dataclasses.field(
         default="", metadata={"help": "leader-election identity (default: hostname_pid)"}
     )
-    lease_name: str = dataclasses.field(default="netctl-controller", metadata={"help": "leader-election Lease name"})
 
 
 def _iaas(cfg: ControllerConfig):  # type: ignore[no-untyped-def]

@@ -23,11 +23,11 @@ def key_of(obj: Obj) -> str:
     return f"{ns}/{m.get('name')}" if ns else str(m.get("name"))
 
 
-def labels(obj: Obj) -> dict[str, str]:
+def labels_of(obj: Obj) -> dict[str, str]:
     return dict(meta(obj).get("labels") or {})
 
 
-def annotations(obj: Obj) -> dict[str, str]:
+def annotations_of(obj: Obj) -> dict[str, str]:
     return dict(meta(obj).get("annotations") or {})
 
 
@@ -35,7 +35,7 @@ def tenant_label(obj: Obj | None) -> str | None:
     """The tenant a Namespace or Node belongs to, or None when it belongs to none."""
     if obj is None:
         return None
-    value = labels(obj).get(TENANT_LABEL)
+    value = labels_of(obj).get(TENANT_LABEL)
     return value or None
 
 
@@ -66,4 +66,4 @@ def node_name(pod: Obj) -> str | None:
 
 
 def port_annotation_raw(pod: Obj) -> str | None:
-    return annotations(pod).get(PORT_ANNOTATION)
+    return annotations_of(pod).get(PORT_ANNOTATION)

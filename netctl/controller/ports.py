@@ -7,6 +7,7 @@ carries its owner's identity, so the next pass always sees what the last one did
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 from collections.abc import Callable
@@ -27,9 +28,9 @@ class Cache(Protocol):
 
     def get(self, key: str) -> Obj | None: ...
 
-    def list(self) -> list[Obj]: ...
+    def list(self) -> builtins.list[Obj]: ...
 
-    def by_index(self, index: str, value: str) -> list[Obj]: ...
+    def by_index(self, index: str, value: str) -> builtins.list[Obj]: ...
 
 
 class Writer(Protocol):

@@ -81,16 +81,16 @@ def plan_sync(
     to_sync: list[str] = []
     for port_id, pod in wanted.items():
         key = key_of(pod)
-        port = by_id.get(port_id)
+        have = by_id.get(port_id)
         tenant = tenant_of_pod.get(key)
-        if port is None or tenant is None or port.tenant != tenant:
+        if have is None or tenant is None or have.tenant != tenant:
             to_sync.append(key)
             continue
         node = (pod.get("spec") or {}).get("nodeName")
-        if node and port.node != node:
+        if node and have.node != node:
             to_sync.append(key)
             continue
-        gateway, mtu = networks.get(port.tenant, (None, 0))
-        if not annotation_matches(pod, expected_annotation(port, gateway, mtu)):
+        gateway, mtu = networks.get(have.tenant, (None, 0))
+        if not annotation_matches(pod, expected_annotation(have, gateway, mtu)):
             to_sync.append(key)
     return SyncPlan(tuple(sorted(orphans)), tuple(sorted(to_sync)))

@@ -40,9 +40,7 @@ def new_api_client(
     """
     configuration = k8s.Configuration()
     if kubeconfig:
-        k8s_config.load_kube_config(
-            config_file=kubeconfig, context=context, client_configuration=configuration
-        )
+        k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
         source = kubeconfig
     elif os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(IN_CLUSTER_TOKEN):
         k8s_config.load_incluster_config(client_configuration=configuration)
@@ -58,9 +56,7 @@ def new_api_client(
     return k8s.ApiClient(configuration)
 
 
-def api_path(
-    group: str, version: str, plural: str, namespace: str | None = None, name: str | None = None
-) -> str:
+def api_path(group: str, version: str, plural: str, namespace: str | None = None, name: str | None = None) -> str:
     """REST path of a collection or object: core group is ``/api/v1``, others ``/apis/<group>/<version>``."""
     base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
     if namespace:

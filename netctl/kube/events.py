@@ -72,6 +72,16 @@ class ApiEventSink:
             raise
 
 
+@dataclass(frozen=True)
+class _Item:
+    obj: Obj
+    type_: str
+    reason: str
+    message: str
+    seen: float  # monotonic, for the aggregation window
+    seen_wall: datetime  # for first/lastTimestamp
+
+
 @dataclass
 class _Series:
     name: str
@@ -104,21 +114,29 @@ class EventRecorder:
         self._window = window_s
         self._clock = clock
         self._wall = wall_clock
-        self._queue: queue.Queue[tuple[Obj, str, str, str] | None] = queue.Queue(max_queue)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(max_queue)
         self._series: dict[tuple[str, ...], _Series] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self.dropped = 0
 
     def record(self, obj: Obj, type_: str, reason: str, message: str) -> None:
         try:
             with self._lock:
+                if self._stopped:  # no writer any more: queueing would only make flush() wait in vain
+                    self.dropped += 1
+                    log.debug("event recorder stopped, dropping %s %s: %s", type_, reason, message)
+                    return
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="event-recorder", daemon=True)
                     self._thread.start()
-            self._queue.put_nowait((obj, type_, reason, message))
+                # stamped now, not when written (a backed-up queue must not move events in time);
+                # queued under the lock, so nothing lands behind stop()'s end marker
+                self._queue.put_nowait(_Item(obj, type_, reason, message, self._clock(), self._wall()))
         except queue.Full:
-            self.dropped += 1
+            with self._lock:
+                self.dropped += 1
             log.warning("event queue full, dropping %s %s: %s", type_, reason, message)
         except Exception:
             log.exception("recording event %s failed", reason)
@@ -133,7 +151,11 @@ class EventRecorder:
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout``) and end the writer; later ``record`` calls are dropped."""
         with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
             thread = self._thread
         if thread is not None:
             try:
@@ -148,13 +170,14 @@ class EventRecorder:
             try:
                 if item is None:
                     return
-                self._write(*item)
+                self._write(item)
             except Exception as exc:
                 log.warning("writing event failed: %s: %s", type(exc).__name__, exc)
             finally:
                 self._queue.task_done()
 
-    def _write(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+    def _write(self, item: _Item) -> None:
+        obj, type_, reason, message = item.obj, item.type_, item.reason, item.message
         meta = obj.get("metadata") or {}
         involved = {
             "apiVersion": obj.get("apiVersion"),
@@ -169,8 +192,8 @@ class EventRecorder:
         message = message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
         ident = (str(involved.get(k, "")) for k in ("kind", "name", "uid"))
         series_key = (namespace, *ident, type_, reason, message)
-        now = self._clock()
-        stamp = _now_rfc3339(self._wall())
+        now = item.seen
+        stamp = _now_rfc3339(item.seen_wall)
 
         self._expire(now)
         series = self._series.get(series_key)

@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -173,7 +174,8 @@ class Informer:
     """Keeps ``store`` in step with the API and tells handlers what changed.
 
     Handlers run on the informer's threads, one event at a time (watch events and resync
-    deliveries are serialised): keep them short - typically they enqueue a key.
+    deliveries are serialised): keep them short - typically they enqueue a key. Cached objects are
+    shared, not copied: treat them as read-only.
     """
 
     def __init__(
@@ -247,9 +249,7 @@ class Informer:
             raise RuntimeError(f"informer {self.name} already started")
         self._threads.append(threading.Thread(target=self._run, name=f"{self.name}-watch", daemon=True))
         if self._resync_period > 0:
-            self._threads.append(
-                threading.Thread(target=self._resync_loop, name=f"{self.name}-resync", daemon=True)
-            )
+            self._threads.append(threading.Thread(target=self._resync_loop, name=f"{self.name}-resync", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -273,13 +273,19 @@ class Informer:
                 if need_list:
                     self._relist()
                     need_list = False
-                self._watch_once()
-                failures = 0
+                started = time.monotonic()
+                if self._watch_once() or time.monotonic() - started >= min(1.0, self._watch_timeout / 2):
+                    failures = 0
+                    continue
+                # an empty stream that ended at once (a misbehaving proxy?): back off, never spin
+                raise ConnectionError("watch ended immediately without events")
             except ResourceExpired as exc:
                 log.info("%s: resourceVersion %s expired (%s), relisting", self.name, self._rv, exc)
                 need_list = True
                 failures = 0
             except Exception as exc:
+                if self._stop.is_set():
+                    return  # the watch was interrupted by stop()
                 if _status_of(exc) == 410:
                     log.info("%s: resourceVersion %s gone, relisting", self.name, self._rv)
                     need_list = True
@@ -319,11 +325,13 @@ class Informer:
                 log.info("%s: synced %d objects at resourceVersion %s", self.name, len(fresh), rv)
                 self._synced.set()
 
-    def _watch_once(self) -> None:
-        """Consume one watch stream until the server ends it (timeout) or it fails."""
+    def _watch_once(self) -> int:
+        """Consume one watch stream until the server ends it (timeout) or it fails; count its events."""
+        count = 0
         for event in self._lw.watch(self._rv, self._watch_timeout):
+            count += 1
             if self._stop.is_set():
-                return
+                return count
             etype = event.get("type")
             obj = event.get("object") or {}
             if etype == "ERROR":
@@ -338,7 +346,7 @@ class Informer:
                 continue
             with self._deliver_lock:
                 if self._stop.is_set():
-                    return
+                    return count
                 if etype in ("ADDED", "MODIFIED"):
                     old = self.store.put(obj)
                     if old is None:
@@ -353,6 +361,7 @@ class Informer:
                     continue
                 if rv:
                     self._rv = rv
+        return count
 
     def _resync_loop(self) -> None:
         while not self._stop.wait(self._resync_period):
@@ -431,9 +440,7 @@ class ApiListWatch:
         self._active: Any = None
 
     @classmethod
-    def for_api_version(
-        cls, api: k8s.ApiClient, api_version: str, plural: str, **kwargs: Any
-    ) -> ApiListWatch:
+    def for_api_version(cls, api: k8s.ApiClient, api_version: str, plural: str, **kwargs: Any) -> ApiListWatch:
         """Build from an ``apiVersion`` string: ``"v1"``, ``"netctl.io/v1alpha1"``, ..."""
         group, _, version = api_version.rpartition("/")
         return cls(api, plural=plural, group=group, version=version, **kwargs)

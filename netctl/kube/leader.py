@@ -75,9 +75,7 @@ class ApiLeaseStore:
 
     def replace(self, namespace: str, name: str, lease: Obj) -> Obj:
         try:
-            return request_json(
-                self._api, "PUT", self._path(namespace, name), body=lease, timeout=self._timeout
-            )
+            return request_json(self._api, "PUT", self._path(namespace, name), body=lease, timeout=self._timeout)
         except k8s.ApiException as exc:
             if exc.status in (404, 409):
                 raise ConflictError(str(exc.reason)) from exc

@@ -41,12 +41,12 @@ class _Metrics:
             "netctl_workqueue_depth", "Keys waiting in the queue", ["name", "priority"], registry=registry
         )
         self.adds = Counter(
-            "netctl_workqueue_adds", "Keys added (including de-duplicated ones)", ["name", "priority"],
+            "netctl_workqueue_adds",
+            "Keys added (including de-duplicated ones)",
+            ["name", "priority"],
             registry=registry,
         )
-        self.retries = Counter(
-            "netctl_workqueue_retries", "Rate-limited re-adds", ["name"], registry=registry
-        )
+        self.retries = Counter("netctl_workqueue_retries", "Rate-limited re-adds", ["name"], registry=registry)
         self.drops = Counter(
             "netctl_workqueue_drops", "Keys dropped after too many retries", ["name"], registry=registry
         )
@@ -160,9 +160,7 @@ class WorkQueue:
                 return
             heapq.heappush(self._delayed, (self._clock() + delay_s, next(self._seq), key, Priority(priority)))
             if self._delay_thread is None:
-                self._delay_thread = threading.Thread(
-                    target=self._delay_loop, name=f"{self.name}-delay", daemon=True
-                )
+                self._delay_thread = threading.Thread(target=self._delay_loop, name=f"{self.name}-delay", daemon=True)
                 self._delay_thread.start()
             self._delay_cond.notify()
 
@@ -224,9 +222,7 @@ class WorkQueue:
                     priority, _, enqueued_at = queued
                     self._depth[priority].dec()
                     self._processing.add(key)
-                    self._m.latency.labels(self.name, priority.name).observe(
-                        max(0.0, self._clock() - enqueued_at)
-                    )
+                    self._m.latency.labels(self.name, priority.name).observe(max(0.0, self._clock() - enqueued_at))
                     return key, priority
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -246,9 +242,7 @@ class WorkQueue:
     def run_workers(self, n: int, handler: Callable[[str, Priority], None]) -> list[threading.Thread]:
         """Start ``n`` daemon threads calling ``handler(key, priority)``; raising = retry with back-off."""
         threads = [
-            threading.Thread(
-                target=self._worker, args=(handler,), name=f"{self.name}-worker-{i}", daemon=True
-            )
+            threading.Thread(target=self._worker, args=(handler,), name=f"{self.name}-worker-{i}", daemon=True)
             for i in range(n)
         ]
         with self._cond:

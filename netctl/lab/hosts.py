@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import threading
 from types import TracebackType
 
 from pyroute2 import IPRoute, NetNS, netns
@@ -58,6 +59,7 @@ class MgmtNetwork:
         self._veths: dict[str, str] = {}  # netns -> root-side veth name
         self._created_netns: list[str] = []
         self._created_bridge = False
+        self._lock = threading.Lock()  # the lab adds its nodes from a thread pool
 
     @property
     def prefixlen(self) -> int:
@@ -78,6 +80,10 @@ class MgmtNetwork:
 
     def add_host(self, ns: str) -> str:
         """Give netns ``ns`` (created if missing) a ``mgmt0`` on the bridge; returns its address."""
+        with self._lock:
+            return self._add_host(ns)
+
+    def _add_host(self, ns: str) -> str:
         if ns in self.hosts:
             return self.hosts[ns]
         if ns not in netns.listnetns():

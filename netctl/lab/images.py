@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +125,15 @@ def build_image(spec: ImageSpec, cache_dir: Path | None = None, busybox: Path = 
     if path.exists():
         return path
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(_archive(spec, _layer(busybox)))
-    os.replace(tmp, path)  # atomic: concurrent builders write identical bytes
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_archive(spec, _layer(busybox)))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic: concurrent builders (threads, processes) write identical bytes
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

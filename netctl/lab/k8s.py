@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from netctl.lab.procs import Daemon, DaemonError, free_port, run
+from netctl.lab.procs import Daemon, DaemonError, free_port, kill_pid, proc_cmdline, run
 
 ADMIN = "admin"
 CONTROLLER = "netctl-controller"
@@ -263,7 +263,8 @@ class ControlPlane:
         for user, groups in wanted.items():
             token = secrets.token_urlsafe(32)
             self._tokens[user] = (token, groups)
-            lines.append(f'{token},{user},{user},"{",".join(groups)}"')
+            line = f"{token},{user},{user}"
+            lines.append(f'{line},"{",".join(groups)}"' if groups else line)  # no column: no "" group
         fd = os.open(self.run_dir / "tokens.csv", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -313,7 +314,13 @@ class ControlPlane:
         )
         etcd_client_crt, etcd_client_key = pki.issue("apiserver-etcd-client", "kube-apiserver", client=True)
         sa_key, sa_pub = pki.rsa_key_pair("sa")
-        self.port = free_port(self.bind_address)
+        try:
+            self.port = free_port(self.bind_address)
+        except OSError as e:
+            raise DaemonError(
+                f"cannot listen on {self.bind_address} ({e.strerror}): the API server's bind address must "
+                "exist on this host (create the MgmtNetwork first)"
+            ) from e
         self._make_identities()
         self.timings["pki"] = time.monotonic() - t
 
@@ -396,10 +403,18 @@ class ControlPlane:
         return code == 200 and body.strip() == "ok"
 
     def _stop_daemons(self) -> None:
+        """Stop our daemons; those only known from a pidfile (started by another process) too."""
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             d = self._daemons.get(name)
             if d is not None:
                 d.stop()
+                continue
+            pidfile = self.run_dir / "run" / f"{name}.pid"
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text().split()[0])
+                # every one of these daemons names a file under run_dir on its command line
+                kill_pid(pid, check=lambda p: any(str(self.run_dir) in a for a in proc_cmdline(p) or []))
+                pidfile.unlink()
 
     def stop(self) -> None:
         """Stop every daemon and remove ``run_dir`` (PKI, tokens, etcd data, logs)."""
@@ -429,7 +444,8 @@ class ControlPlane:
         from kubernetes import dynamic
 
         with self.api_client() as api:
-            dyn = dynamic.DynamicClient(api)
+            # discovery cache inside run_dir: the default is a file per server URL in /tmp, left behind
+            dyn = dynamic.DynamicClient(api, cache_file=str(self.run_dir / "discovery-cache.json"))
             for path in paths:
                 for doc in yaml.safe_load_all(Path(path).read_text()):
                     if not doc:
@@ -443,7 +459,10 @@ class ControlPlane:
 
     def kubectl(self, *args: str, identity: str = ADMIN, timeout: float = 60.0, check: bool = True) -> str:
         """Run kubectl against this control plane (built kubectl, else the one on PATH)."""
-        argv = [str(find_k8s_binary("kubectl")), f"--kubeconfig={self.kubeconfig(identity)}", *args]
+        # --cache-dir: kubectl's default discovery/http cache (~/.kube/cache/<host_port>) would
+        # collect one directory per lab run
+        argv = [str(find_k8s_binary("kubectl")), f"--kubeconfig={self.kubeconfig(identity)}",
+                f"--cache-dir={self.run_dir / 'kubectl-cache'}", *args]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise DaemonError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")

@@ -24,11 +24,14 @@ import os
 import secrets
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from netctl.annotations import PORT_ANNOTATION, TENANT_LABEL, AnnotationError, PortAnnotation
 from netctl.lab.topology import NodeSpec, PodSpec, Topology, demo
@@ -42,6 +45,7 @@ LAB_IMAGE = "netctl.io/lab/busybox:1"
 REPO = Path(__file__).resolve().parents[2]
 
 Progress = Callable[[str], None]
+_STATE_LOCK = threading.Lock()
 
 
 def _venv_bin(name: str) -> str:
@@ -69,10 +73,12 @@ class LabState:
             return None
 
     def save(self) -> None:
-        path = Path(self.run_dir) / "lab.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        tmp.replace(path)
+        """Atomic rewrite; nodes start in parallel threads, hence the lock."""
+        with _STATE_LOCK:
+            path = Path(self.run_dir) / "lab.json"
+            tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+            tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+            tmp.replace(path)
 
 
 class Lab:
@@ -184,6 +190,18 @@ class Lab:
         self.state.save()
         return self
 
+    def _apply(self, path: Path, attempts: int = 10) -> None:
+        """Server-side apply, retried: right after a CRD is added the API server may drop connections."""
+        for attempt in range(attempts):
+            try:
+                self.cp.apply(path)
+                return
+            except Exception as exc:  # connection resets, discovery not yet showing the new kind
+                if attempt == attempts - 1:
+                    raise
+                log.info("apply %s: %s; retrying", path.name, exc)
+                time.sleep(0.5 * (attempt + 1))
+
     def _wait_crd(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -205,8 +223,8 @@ class Lab:
             docs.append({"apiVersion": "v1", "kind": "Namespace",
                          "metadata": {"name": t.namespace, "labels": {TENANT_LABEL: t.name}}})
         path = self.run_dir / "tenants.yaml"
-        path.write_text("\n---\n".join(json.dumps(d) for d in docs))
-        self.cp.apply(path)
+        path.write_text(yaml.safe_dump_all(docs))
+        self._apply(path)
         for t in self.topology.tenants:
             self.cp.wait_service_account(t.namespace)
 
@@ -322,7 +340,8 @@ class Lab:
                                      extra_allowed_cidrs=(self.topology.service_cidr,))
         plug_port(
             ovsdb=self.ovs.db_connection, bridge=BRIDGE, ovs_netns=f"/run/netns/{self.hv_netns}",
-            target_netns=f"/run/netns/{netns}", ifname="eth1", host_ifname=f"{self.prefix}n{node.name[-6:]}"[:15],
+            target_netns=f"/run/netns/{netns}", ifname="eth1",
+            host_ifname=f"{self.prefix}n{self.topology.nodes.index(node)}",
             port_id=port.id, mac=port.mac, cidr=f"{port.ip}/{port.prefixlen}", gateway=None, mtu=net.mtu,
             owner_tag=f"node:{node.name}",
         )
@@ -352,7 +371,7 @@ class Lab:
     def create_pods(self, pods: tuple[PodSpec, ...] | None = None) -> None:
         pods = self.topology.pods if pods is None else pods
         path = self.run_dir / "pods.yaml"
-        path.write_text("\n---\n".join(json.dumps(self.pod_manifest(p)) for p in pods))
+        path.write_text(yaml.safe_dump_all([self.pod_manifest(p) for p in pods]))
         self.cp.kubectl("apply", "-f", str(path))
 
     def pods(self) -> list[dict[str, Any]]:

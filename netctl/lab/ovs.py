@@ -177,14 +177,12 @@ def remove_netns(name: str) -> None:
 
 
 class _Stack:
-    """Shared lifecycle: spawn detached daemons, wait for readiness, stop by pidfile."""
-
-    _daemons: list[Daemon]
+    """Shared lifecycle: spawn detached daemons, wait for readiness, stop by pidfile.
+    The run dir belongs to the stack: stop() deletes it."""
 
     def __init__(self, run_dir: str | Path, timeout: float) -> None:
         self.run_dir = Path(run_dir).absolute()
         self.timeout = timeout
-        self._daemons = []
 
     def _daemon(self, name: str, *ctl_dirs: Path) -> Daemon:
         return Daemon(
@@ -216,7 +214,6 @@ class _Stack:
                 full, env=self._env(), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                 start_new_session=True,
             )
-        self._daemons.append(d)
         try:
             rc = proc.wait(self.timeout)
         except subprocess.TimeoutExpired:
@@ -241,10 +238,12 @@ class _Stack:
             )
 
     def _ovsdb_tool_create(self, db: Path, schema: Path) -> None:
-        if not db.exists():
-            subprocess.run(
-                ["ovsdb-tool", "create", str(db), str(schema)], check=True, capture_output=True
-            )
+        """Create the database file unless it exists (a restarted stack keeps its state)."""
+        if db.exists():
+            return
+        res = subprocess.run(["ovsdb-tool", "create", str(db), str(schema)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise DaemonError(f"ovsdb-tool create {db} from {schema} failed: {res.stderr.strip()}")
 
     def _known_daemons(self) -> list[Daemon]:
         raise NotImplementedError
@@ -364,12 +363,15 @@ class OvsStack(_Stack):
 
         Raises DaemonError if vswitchd could not open the device.
         """
-        self.api.add_port(bridge, port, may_exist=True,
-                          external_ids=dict(external_ids or {})).execute(check_error=True)
+        ids = dict(external_ids or {})
+        self.api.add_port(bridge, port, may_exist=True, external_ids=ids).execute(check_error=True)
+        if ids:  # the port may have existed already: make its external_ids current
+            self.api.db_set("Interface", port, ("external_ids", ids)).execute(check_error=True)
         ofport = self.api.db_get("Interface", port, "ofport").execute(check_error=True)
         ofport = ofport[0] if isinstance(ofport, list) and ofport else ofport
         if not isinstance(ofport, int) or ofport < 0:
             error = self.api.db_get("Interface", port, "error").execute(check_error=True)
+            self.del_port(port)  # do not leave a dead port behind
             raise DaemonError(f"ovs-vswitchd could not add {port} to {bridge}: {error}; "
                               f"log {self.vswitchd.log}")
         return ofport

@@ -16,8 +16,10 @@ import ctypes
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +33,8 @@ from cri_api.v1 import api_pb2_grpc as cri_grpc
 from netctl.lab import images as lab_images
 from netctl.lab.k8s import ControlPlane, find_k8s_binary
 from netctl.lab.procs import Daemon, DaemonError, free_port, iter_processes, kill_pid, run, tail
+
+log = logging.getLogger(__name__)
 
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 CGROUP_FS = Path("/sys/fs/cgroup")
@@ -48,7 +52,12 @@ KUBELET_SYSCTLS = (
     "kernel/keys/root_maxkeys",
     "kernel/keys/root_maxbytes",
 )
-KUBELET_HOST_DIRS = ("/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/pods", "/var/log/containers")
+# Host dirs kubelet (and containerd's libcni result cache, which has no config knob in 1.6) create.
+KUBELET_HOST_DIRS = (
+    "/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/pods", "/var/log/containers",
+    "/var/lib/cni", "/var/lib/cni/results",
+)  # fmt: skip
+CNI_RESULT_CACHE = Path("/var/lib/cni/results")
 HOST_STATE = Path("/run/lock/netctl-lab-kubelet.json")
 HOST_STATE_LOCK = Path("/run/lock/netctl-lab-kubelet.lock")
 
@@ -136,7 +145,7 @@ class HostState:
                     if _read_sysctl(key) != value:
                         Path("/proc/sys", key).write_text(value)
                         restored[key] = value
-            # deepest first, so /var/lib/kubelet goes after its device-plugins dir
+            # deepest first, so a parent goes after its children
             for d in sorted(state.get("missing_dirs", []), key=len, reverse=True):
                 p = Path(d)
                 if p.name == "device-plugins":
@@ -203,6 +212,18 @@ def make_cgroup_root(name: str) -> None:
                 (CGROUP_FS / name / "cgroup.subtree_control").write_text(f"+{c}")
 
 
+def kill_cgroup_tasks(name: str) -> None:
+    """SIGKILL every process in the tree ``/<name>`` (orphaned containers after their shim died)."""
+    for root in [h / name for h in cgroup_hierarchies() if (h / name).exists()]:
+        for dirpath, _dirs, files in os.walk(root):
+            if "cgroup.procs" not in files:
+                continue
+            with contextlib.suppress(OSError):
+                for pid in Path(dirpath, "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+
+
 def cgroup_leftovers(name: str) -> list[Path]:
     return [h / name for h in cgroup_hierarchies() if (h / name).exists()]
 
@@ -251,6 +272,38 @@ def unmount_under(path: Path) -> None:
         raise DaemonError(f"could not unmount {left}")
 
 
+# ---- containerd shims --------------------------------------------------------------------------
+
+
+def shim_socket_path(argv: list[str]) -> Path | None:
+    """Socket of a containerd 1.6 shim from its argv: /run/containerd/s/<sha256(address/namespace/id)>.
+
+    containerd puts it there whatever its own config says, so it is computed, not configured.
+    """
+    try:
+        address = argv[argv.index("-address") + 1]
+        ns, ident = argv[argv.index("-namespace") + 1], argv[argv.index("-id") + 1]
+    except (ValueError, IndexError):
+        return None
+    return SHIM_SOCKET_DIR / hashlib.sha256(os.path.join(address, ns, ident).encode()).hexdigest()
+
+
+def live_shim_sockets() -> set[Path]:
+    """Sockets of every running containerd shim on the host."""
+    found = set()
+    for _pid, argv in iter_processes():
+        if "containerd-shim" in os.path.basename(argv[0]):
+            sock = shim_socket_path(argv)
+            if sock is not None:
+                found.add(sock)
+    return found
+
+
+def _rpc_details(e: grpc.RpcError) -> str:
+    details = getattr(e, "details", None)
+    return str(details()) if callable(details) else str(e)
+
+
 # ---- the CRI client ------------------------------------------------------------------------------
 
 
@@ -280,22 +333,28 @@ class Cri:
         info: dict[str, Any] = json.loads(resp.info.get("info", "{}"))
         return info
 
-    def remove_all(self) -> list[Any]:
-        """Stop and remove every sandbox (ready or not) and its containers; returns their metadata."""
-        removed = []
+    def remove_all(self) -> tuple[list[Any], list[str]]:
+        """Stop and remove every sandbox (ready or not) and its containers.
+
+        Returns every sandbox seen and the errors; one sandbox whose CNI DEL fails must not keep
+        the others alive.
+        """
+        seen, errors = [], []
         for sb in self.sandboxes():
-            for c in self.stub.ListContainers(
-                cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=sb.id)), timeout=self.timeout
-            ).containers:
-                with contextlib.suppress(grpc.RpcError):
-                    req = cri.StopContainerRequest(container_id=c.id, timeout=2)
-                    self.stub.StopContainer(req, timeout=self.timeout)
-                with contextlib.suppress(grpc.RpcError):
-                    self.stub.RemoveContainer(cri.RemoveContainerRequest(container_id=c.id), timeout=self.timeout)
-            self.stub.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sb.id), timeout=self.timeout)
-            self.stub.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=self.timeout)
-            removed.append(sb.metadata)
-        return removed
+            seen.append(sb)
+            try:
+                req_list = cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=sb.id))
+                for c in self.stub.ListContainers(req_list, timeout=self.timeout).containers:
+                    with contextlib.suppress(grpc.RpcError):
+                        req = cri.StopContainerRequest(container_id=c.id, timeout=2)
+                        self.stub.StopContainer(req, timeout=self.timeout)
+                    with contextlib.suppress(grpc.RpcError):
+                        self.stub.RemoveContainer(cri.RemoveContainerRequest(container_id=c.id), timeout=self.timeout)
+                self.stub.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sb.id), timeout=self.timeout)
+                self.stub.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=self.timeout)
+            except grpc.RpcError as e:
+                errors.append(f"sandbox {sb.metadata.namespace}/{sb.metadata.name}: {_rpc_details(e)}")
+        return seen, errors
 
 
 # ---- the node ------------------------------------------------------------------------------------
@@ -341,7 +400,6 @@ class NodeRuntime:
         self.kubeconfig = control_plane.add_node(name) if control_plane else self.run_dir / "kubeconfig"
         self.timings: dict[str, float] = {}
         self._host = HostState.for_this_process(str(self.run_dir))
-        self._created_loopback = False
         self._shim_sockets_dir_existed = SHIM_SOCKET_DIR.exists()
         self.containerd = Daemon(
             f"containerd[{name}]",
@@ -360,6 +418,11 @@ class NodeRuntime:
         return f"""version = 2
 root = "{c / 'root'}"
 state = "{c / 'state'}"
+# snapshotters this host cannot use (aufs would be modprobe'd at every start)
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+]
 
 [grpc]
   address = "{self.socket}"
@@ -405,7 +468,6 @@ state = "{c / 'state'}"
             "--container-runtime=remote",
             f"--container-runtime-endpoint=unix://{self.socket}",
             f"--containerd={self.socket}",
-            "--runtime-request-timeout=2m",
             "--cgroup-driver=cgroupfs",
             f"--cgroup-root=/{self.cgroup_root}",
             "--cgroups-per-qos=true",
@@ -428,6 +490,8 @@ state = "{c / 'state'}"
             f"--healthz-bind-address={self.mgmt_ip}",
             f"--healthz-port={free_port()}",
             "--read-only-port=0",
+            # computed locally, written to the API only on change: 2 s gets Ready ~8 s sooner
+            "--node-status-update-frequency=2s",
             "--make-iptables-util-chains=false",
             "--eviction-hard=memory.available<1Mi,nodefs.available<1%,nodefs.inodesFree<1%,imagefs.available<1%",
             "--image-gc-high-threshold=100",
@@ -464,9 +528,11 @@ state = "{c / 'state'}"
                 "(containerd's watcher misses files moved in later)"
             )
         if not (self.cni_bin_dir / "loopback").exists():
+            # containerd itself runs `loopback` for every sandbox. Left in place at stop(): the
+            # directory belongs to the caller and may serve other nodes that still run.
             self.cni_bin_dir.mkdir(parents=True, exist_ok=True)
-            (self.cni_bin_dir / "loopback").symlink_to(REFERENCE_CNI_DIR / "loopback")
-            self._created_loopback = True
+            with contextlib.suppress(FileExistsError):  # another node got there first
+                (self.cni_bin_dir / "loopback").symlink_to(REFERENCE_CNI_DIR / "loopback")
         (self.run_dir / "containerd").mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
         (self.run_dir / "containerd" / "config.toml").write_text(self._containerd_config())
@@ -512,7 +578,7 @@ state = "{c / 'state'}"
         state = {
             "name": self.name, "netns": self.netns, "mgmt_ip": self.mgmt_ip, "prefix": self.prefix,
             "cni_bin_dir": str(self.cni_bin_dir), "cni_conf_dir": str(self.cni_conf_dir),
-            "created_loopback": self._created_loopback, "shim_dir_existed": self._shim_sockets_dir_existed,
+            "shim_dir_existed": self._shim_sockets_dir_existed,
             "host_holder": self._host.holder, "kubelet_argv": self.kubelet.argv if self.kubelet else None,
         }  # fmt: skip
         (self.run_dir / "node.json").write_text(json.dumps(state, indent=1))
@@ -526,7 +592,6 @@ state = "{c / 'state'}"
         state = json.loads((Path(run_dir) / "node.json").read_text())
         rt = cls(name, netns, state["mgmt_ip"], run_dir, control_plane, state["cni_bin_dir"],
                  state["cni_conf_dir"], prefix=prefix)  # fmt: skip
-        rt._created_loopback = state["created_loopback"]
         rt._shim_sockets_dir_existed = state["shim_dir_existed"]
         rt._host = HostState(state["host_holder"])
         if state.get("kubelet_argv"):
@@ -580,14 +645,6 @@ state = "{c / 'state'}"
                     mine.append((pid, argv))
         return mine
 
-    def _shim_socket(self, argv: list[str]) -> Path | None:
-        """containerd 1.6: /run/containerd/s/<sha256(address/namespace/id)>."""
-        try:
-            ns, ident = argv[argv.index("-namespace") + 1], argv[argv.index("-id") + 1]
-        except (ValueError, IndexError):
-            return None
-        digest = hashlib.sha256(os.path.join(str(self.socket), ns, ident).encode()).hexdigest()
-        return SHIM_SOCKET_DIR / digest
 
     def leftovers(self) -> dict[str, list[str]]:
         """Anything of this node still on the host (empty lists when fully torn down)."""
@@ -603,7 +660,13 @@ state = "{c / 'state'}"
         }
 
     def stop(self) -> None:
-        """Remove pods, stop kubelet and containerd and their shims, undo host changes, delete the Node."""
+        """Remove pods, stop kubelet and containerd and their shims, undo host changes, delete the Node.
+
+        Every step is attempted whatever failed before it. Pods whose sandbox cannot be removed
+        through the CRI (a CNI DEL that fails) are still cleaned up: their processes are killed
+        through the node's cgroups and their netns mounts unmounted; that is logged, and only
+        what really stays behind is raised.
+        """
         errors: list[str] = []
         if self.kubelet is not None:
             self.kubelet.stop()
@@ -611,18 +674,22 @@ state = "{c / 'state'}"
         if self.containerd.running():
             c = self.cri()
             try:
-                pods = c.remove_all()
+                pods, sandbox_errors = c.remove_all()
+                for err in sandbox_errors:
+                    log.warning("node %s: could not remove %s; cleaning up by force", self.name, err)
             except grpc.RpcError as e:
-                errors.append(f"removing sandboxes: {e.details() if hasattr(e, 'details') else e}")
+                log.warning("node %s: listing sandboxes failed: %s", self.name, _rpc_details(e))
             finally:
                 c.close()
         self.containerd.stop(timeout=15)
         for pid, argv in self._shims():
             kill_pid(pid, timeout=5)
-            sock = self._shim_socket(argv)
+            sock = shim_socket_path(argv)
             if sock is not None:
                 sock.unlink(missing_ok=True)
-        self._remove_pod_logs(pods)
+        kill_cgroup_tasks(self.cgroup_root)  # containers of sandboxes the CRI could not remove
+        self._remove_pod_logs([sb.metadata for sb in pods])
+        self._remove_cni_results([sb.id for sb in pods])
         try:
             unmount_under(self.run_dir)
         except DaemonError as e:
@@ -634,9 +701,6 @@ state = "{c / 'state'}"
         if self.kubelet is not None:
             self._host.release()
             self.kubelet = None
-        if self._created_loopback:
-            (self.cni_bin_dir / "loopback").unlink(missing_ok=True)
-            self._created_loopback = False
         if not self._shim_sockets_dir_existed:
             with contextlib.suppress(OSError):
                 SHIM_SOCKET_DIR.rmdir()
@@ -648,8 +712,15 @@ state = "{c / 'state'}"
             raise DaemonError(f"node {self.name} teardown incomplete: {'; '.join(errors)}")
 
     def _remove_pod_logs(self, pods: list[Any]) -> None:
-        """kubelet writes pod logs to /var/log/pods whatever its root dir; remove ours."""
-        dirs = [Path("/var/log/pods") / f"{m.namespace}_{m.name}_{m.uid}" for m in pods]
+        """kubelet writes pod logs to /var/log/pods whatever its root dir; remove this node's.
+
+        Pods are known from the CRI and from kubelet's own ``<root>/pods/<uid>`` directories.
+        """
+        uids = {m.uid for m in pods}
+        with contextlib.suppress(OSError):
+            uids |= set(os.listdir(self.kubelet_dir / "pods"))
+        base = Path("/var/log/pods")
+        dirs = [d for d in base.iterdir() if d.name.rsplit("_", 1)[-1] in uids] if base.is_dir() else []
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
         links = Path("/var/log/containers")
@@ -658,6 +729,15 @@ state = "{c / 'state'}"
                 target = os.readlink(link) if link.is_symlink() else ""
                 if any(target.startswith(str(d) + "/") for d in dirs):
                     link.unlink(missing_ok=True)
+
+    def _remove_cni_results(self, sandbox_ids: list[str]) -> None:
+        """libcni caches each ADD result in /var/lib/cni/results/<net>-<sandbox id>-<if> until a
+        DEL succeeds; after a forced cleanup those files would stay forever."""
+        if not sandbox_ids or not CNI_RESULT_CACHE.is_dir():
+            return
+        for f in CNI_RESULT_CACHE.iterdir():
+            if any(f"-{sid}-" in f.name for sid in sandbox_ids):
+                f.unlink(missing_ok=True)
 
     def _delete_node(self) -> None:
         if self.cp is None or not self.cp.running():

@@ -1,0 +1,157 @@
+"""The plugin's typed network configuration (the object the runtime passes on stdin).
+
+Standard keys (cniVersion, name, type, dns, prevResult, runtimeConfig) sit next to ours. Unknown
+keys are ignored: the runtime injects some (args, capabilities' runtimeConfig) and the spec lets
+plugins ignore what they do not use. Every error here is code 7 (invalid network config) and
+names the key.
+
+Example plugin entry of a conflist::
+
+    {"type": "netctl-cni", "kubeconfig": "/etc/netctl/cni.kubeconfig", "bridge": "br-int",
+     "ovsdb": "unix:/run/openvswitch/db.sock", "logFile": "/var/log/netctl-cni.log"}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cni.spec import DNS, CniError, Code, parse_dns, validate_ifname
+
+DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
+DEFAULT_BRIDGE = "br-int"
+INIT_NETNS = "/proc/1/ns/net"  # the host's netns, even when the runtime runs us inside another
+DEFAULT_ANNOTATION_TIMEOUT_S = 20.0
+MAX_ANNOTATION_TIMEOUT_S = 600.0
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+@dataclass(frozen=True)
+class NetConf:
+    """Typed view of the config; defaults are the production values on a real node."""
+
+    cni_version: str
+    name: str
+    type: str
+    kubeconfig: str | None = None  # required for ADD (pod, node and namespace lookups)
+    node_name: str = ""  # this node; "" only before from_dict() fills the fallback
+    ovsdb: str = DEFAULT_OVSDB  # unix:/path or tcp:host:port of the Open_vSwitch DB
+    bridge: str = DEFAULT_BRIDGE
+    ovs_netns: str = INIT_NETNS  # where ovs-vswitchd runs: host veth ends are created there
+    annotation_timeout_s: float = DEFAULT_ANNOTATION_TIMEOUT_S
+    service_cidr: str | None = None  # route it via node_address (kproxy data path, DESIGN §1)
+    node_address: str | None = None
+    log_file: str | None = None
+    dns: DNS = field(default_factory=DNS)
+    prev_result: Any = None  # raw; parsed by the verbs that need it
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def service_route(self) -> tuple[str, str] | None:
+        """(serviceCidr, nodeAddress) when both are configured, else None."""
+        if self.service_cidr and self.node_address:
+            return self.service_cidr, self.node_address
+        return None
+
+    @classmethod
+    def from_dict(cls, conf: Mapping[str, Any], cni_version: str,
+                  env: Mapping[str, str] | None = None) -> NetConf:
+        """Validate `conf` (already version-checked); `env` supplies the NODE_NAME fallback."""
+        env = os.environ if env is None else env
+        name = _req_str(conf, "name")
+        if not _NAME_RE.fullmatch(name):
+            raise _bad("name", f"{name!r} must start with a letter or digit, then letters, digits, '_', '.', '-'")
+        ovs_netns = _opt_str(conf, "ovsNetns") or INIT_NETNS
+        if not ovs_netns.startswith("/"):
+            raise _bad("ovsNetns", f"{ovs_netns!r} must be an absolute path (e.g. /run/netns/<name>)")
+        bridge = _opt_str(conf, "bridge") or DEFAULT_BRIDGE
+        if why := validate_ifname(bridge):
+            raise _bad("bridge", f"{bridge!r} {why}")
+        service_cidr, node_address = _service_route(conf)
+        return cls(
+            cni_version=cni_version,
+            name=name,
+            type=_req_str(conf, "type"),
+            kubeconfig=_opt_str(conf, "kubeconfig") or None,
+            node_name=_opt_str(conf, "nodeName") or env.get("NODE_NAME") or os.uname().nodename.lower(),
+            ovsdb=_ovsdb(conf),
+            bridge=bridge,
+            ovs_netns=ovs_netns,
+            annotation_timeout_s=_timeout(conf),
+            service_cidr=service_cidr,
+            node_address=node_address,
+            log_file=_opt_str(conf, "logFile") or None,
+            dns=parse_dns(conf.get("dns"), lambda what: _bad("dns", what)),
+            prev_result=conf.get("prevResult"),
+            raw=conf,
+        )
+
+    def require_kubeconfig(self) -> str:
+        if not self.kubeconfig:
+            raise _bad("kubeconfig", "is required for ADD: the plugin checks the pod, its namespace and the node")
+        return self.kubeconfig
+
+
+def _bad(key: str, why: str) -> CniError:
+    return CniError(Code.INVALID_NETCONF, f"invalid network config: {key} {why}")
+
+
+def _req_str(conf: Mapping[str, Any], key: str) -> str:
+    value = conf.get(key)
+    if not isinstance(value, str) or not value:
+        raise _bad(key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _opt_str(conf: Mapping[str, Any], key: str) -> str:
+    value = conf.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _bad(key, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _ovsdb(conf: Mapping[str, Any]) -> str:
+    value = _opt_str(conf, "ovsdb") or DEFAULT_OVSDB
+    if value.startswith("unix:") and value[5:].startswith("/"):
+        return value
+    if value.startswith("tcp:") and value.count(":") >= 2:
+        return value
+    raise _bad("ovsdb", f"{value!r} must be unix:/absolute/path or tcp:host:port")
+
+
+def _timeout(conf: Mapping[str, Any]) -> float:
+    value = conf.get("annotationTimeoutSeconds", DEFAULT_ANNOTATION_TIMEOUT_S)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("annotationTimeoutSeconds", f"must be a number, got {value!r}")
+    if not 0 < value <= MAX_ANNOTATION_TIMEOUT_S:
+        raise _bad("annotationTimeoutSeconds", f"must be in (0, {MAX_ANNOTATION_TIMEOUT_S:g}], got {value}")
+    return float(value)
+
+
+def _service_route(conf: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    cidr, addr = _opt_str(conf, "serviceCidr"), _opt_str(conf, "nodeAddress")
+    if not cidr and not addr:
+        return None, None
+    import ipaddress  # only configs that use these pay for the import
+
+    net = None
+    if cidr:
+        try:
+            net = ipaddress.IPv4Network(cidr)
+        except ValueError as e:
+            raise _bad("serviceCidr", f"{cidr!r} is not an IPv4 network: {e}") from None
+        if str(net) != cidr:
+            raise _bad("serviceCidr", f"{cidr!r} must be written canonically as {net}")
+    node = None
+    if addr:
+        try:
+            node = ipaddress.IPv4Address(addr)
+        except ValueError as e:
+            raise _bad("nodeAddress", f"{addr!r} is not an IPv4 address: {e}") from None
+    return (str(net) if net else None), (str(node) if node else None)

@@ -1,0 +1,506 @@
+"""Ovs mode: plug a port into a netns with a veth whose host end joins the OVS bridge.
+
+The host end is created in the netns where ovs-vswitchd runs (`ovs_netns`): the root netns on a
+real node, a dedicated "hypervisor" netns in the lab; the peer is created directly inside the
+target netns under its final name, so no temporary name can collide and nothing of the pod's
+interface ever exists in the OVS netns. Netlink sockets are opened inside a netns by a setns(2)
+round trip on the calling thread, not by forking (ovsdbapp runs a thread; fork in a threaded
+process can deadlock). No `ip`/`ovs-vsctl` subprocesses.
+
+TX checksum offload is turned off on both ends: through the userspace (netdev) datapath a veth
+that offloads checksums sends TCP segments with bad checksums; ping works, TCP does not (DESIGN §5).
+
+Every port carries external_ids naming its owner, so DEL and a later GC can find it without
+any local state. A failed plug removes what it created before raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ovsdbapp.backend.ovs_idl import connection as ovs_connection
+from ovsdbapp.backend.ovs_idl import idlutils
+from ovsdbapp.schema.open_vswitch import impl_idl
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.ethtool.ioctl import IoctlEthtool
+from pyroute2.netlink.exceptions import NetlinkError
+
+EXT_CONTAINER_ID = "netctl:container-id"
+EXT_IFNAME = "netctl:ifname"
+EXT_POD = "netctl:pod"
+EXT_POD_UID = "netctl:pod-uid"
+EXT_OWNER = "netctl:owner"
+HOST_PREFIX = "nc"
+OVS_TIMEOUT_S = 10.0
+_TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
+_TX_CSUM = "tx-checksumming"
+
+
+class BindingError(Exception):
+    """Plugging or unplugging failed; the message says what and where."""
+
+
+class OvsUnavailable(BindingError):
+    """The OVSDB server cannot be reached (transient from the CNI's point of view)."""
+
+
+class OvsError(BindingError):
+    """OVSDB refused a change, or ovs-vswitchd could not open the device."""
+
+
+class LinkError(BindingError):
+    """A netlink or ethtool operation failed (veth, address, route, offload)."""
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    """Deterministic, 14-character host end name for one (container, interface) attachment."""
+    digest = hashlib.sha1(f"{container_id}/{ifname}".encode(), usedforsecurity=False).hexdigest()
+    return HOST_PREFIX + digest[:12]
+
+
+@dataclass(frozen=True)
+class PlugResult:
+    """What plug_port created (for the CNI result)."""
+
+    host_ifname: str
+    host_mac: str
+    ifname: str
+    mac: str
+    sandbox: str
+    mtu: int
+    ofport: int
+
+
+# ---- OVSDB --------------------------------------------------------------------------------------
+
+
+class _Api(impl_idl.OvsdbIdl):
+    """ovsdbapp keeps the connection in a class attribute (first instance wins); keep it per instance."""
+
+    @property
+    def ovsdb_connection(self) -> Any:
+        return self.__dict__["_netctl_conn"]
+
+    @ovsdb_connection.setter
+    def ovsdb_connection(self, conn: Any) -> None:
+        self.__dict__["_netctl_conn"] = conn
+
+
+class OvsDb:
+    """A short-lived Open_vSwitch DB session (only the four tables a port needs)."""
+
+    def __init__(self, remote: str, api: Any, conn: Any, timeout: float) -> None:
+        self.remote = remote
+        self.api = api
+        self._conn = conn
+        self.timeout = timeout
+
+    @classmethod
+    def connect(cls, remote: str, timeout: float = OVS_TIMEOUT_S) -> OvsDb:
+        if remote.startswith("unix:") and not os.path.exists(remote[5:]):
+            raise OvsUnavailable(f"OVSDB {remote} is not there (is ovsdb-server running?)")
+        try:
+            helper = idlutils.get_schema_helper(remote, "Open_vSwitch")
+            for table in _TABLES:
+                helper.register_table(table)
+            conn = ovs_connection.Connection(ovs_connection.OvsdbIdl(remote, helper), timeout)
+            api = _Api(conn)
+        except Exception as e:  # ovsdbapp raises bare Exception/TimeoutException on connect
+            raise OvsUnavailable(f"cannot connect to OVSDB {remote}: {e}") from None
+        return cls(remote, api, conn, timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.stop(timeout=self.timeout)
+
+    def __enter__(self) -> OvsDb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, what: str, *commands: Any) -> None:
+        try:
+            with self.api.transaction(check_error=True) as txn:
+                for c in commands:
+                    txn.add(c)
+        except idlutils.RowNotFound as e:
+            raise OvsError(f"{what}: {e}") from None
+        except Exception as e:
+            raise OvsError(f"{what} failed in OVSDB {self.remote}: {e}") from None
+
+    def add_port(self, bridge: str, name: str, external_ids: Mapping[str, str]) -> None:
+        self._run(f"adding port {name} to bridge {bridge}",
+                  self.api.add_port(bridge, name, may_exist=False, external_ids=dict(external_ids)))
+
+    def del_port(self, name: str) -> None:
+        self._run(f"deleting port {name}", self.api.del_port(name, if_exists=True))
+
+    def interface(self, name: str) -> dict[str, Any] | None:
+        """The Interface row `name` (name, ofport, error, external_ids) plus its bridge, or None."""
+        try:
+            rows = self.api.db_list("Interface", [name], columns=["name", "ofport", "error", "external_ids"],
+                                    if_exists=True).execute(check_error=True)
+            if not rows:
+                return None
+            row = dict(rows[0])
+            row["bridge"] = self.api.iface_to_br(name).execute(check_error=True)
+        except Exception as e:
+            raise OvsError(f"reading interface {name} from OVSDB {self.remote}: {e}") from None
+        row["error"] = row["error"] if isinstance(row["error"], str) else ""
+        row["ofport"] = _single(row["ofport"])
+        return row
+
+    def find_interfaces(self, external_ids: Mapping[str, str]) -> list[str]:
+        """Names of interfaces whose external_ids contain all of `external_ids`."""
+        try:
+            rows = self.api.db_find("Interface", ("external_ids", "=", dict(external_ids)),
+                                    columns=["name"]).execute(check_error=True)
+        except Exception as e:
+            raise OvsError(f"searching OVSDB {self.remote}: {e}") from None
+        return sorted(r["name"] for r in rows)
+
+    def wait_ofport(self, name: str) -> int:
+        """vswitchd's OpenFlow port for `name`; OvsError if it could not open the device."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            row = self.interface(name)
+            if row is None:
+                raise OvsError(f"interface {name} vanished from OVSDB {self.remote}")
+            ofport = row["ofport"]
+            if isinstance(ofport, int) and ofport > 0:
+                return ofport
+            if row["error"] or ofport == -1:
+                raise OvsError(f"ovs-vswitchd could not attach {name}: {row['error'] or 'ofport -1'}")
+            if time.monotonic() > deadline:
+                raise OvsError(f"ovs-vswitchd did not attach {name} within {self.timeout:g}s")
+            time.sleep(0.05)
+
+
+def _single(value: Any) -> Any:
+    """Optional OVSDB columns come back as [] (unset) or [x]."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+# ---- netlink in a netns -------------------------------------------------------------------------
+
+
+class Netns:
+    """IPRoute and ethtool handles whose sockets live in the netns at `path`.
+
+    Raises FileNotFoundError if the netns does not exist (never creates one).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with _entered(self.fd):
+                self.ipr = IPRoute()
+                try:
+                    self.ethtool = IoctlEthtool()
+                except BaseException:
+                    self.ipr.close()
+                    raise
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        self.ethtool.close()
+        self.ipr.close()
+        os.close(self.fd)
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def index(self, ifname: str) -> int | None:
+        found = self.ipr.link_lookup(ifname=ifname)
+        return found[0] if found else None
+
+    def link(self, ifname: str) -> Any | None:
+        idx = self.index(ifname)
+        if idx is None:
+            return None
+        links = self.ipr.get_links(idx)
+        return links[0] if links else None
+
+    def delete(self, ifname: str) -> bool:
+        """Delete link `ifname` if present; True if it was there."""
+        idx = self.index(ifname)
+        if idx is None:
+            return False
+        try:
+            self.ipr.link("del", index=idx)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return False
+            raise
+        return True
+
+    def tx_checksum_off(self, ifname: str) -> None:
+        self.ethtool.change_ifname(ifname)
+        self.ethtool.set_offload_flag(_TX_CSUM, 0)
+        if self.tx_checksum_on(ifname):
+            raise LinkError(f"TX checksum offload is still on for {ifname} in {self.path}")
+
+    def tx_checksum_on(self, ifname: str) -> bool:
+        self.ethtool.change_ifname(ifname)
+        return bool(self.ethtool.get_offload_flags()[_TX_CSUM])
+
+    def addresses(self, index: int) -> set[str]:
+        return {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in self.ipr.get_addr(index=index)}
+
+
+@contextlib.contextmanager
+def _entered(fd: int) -> Iterator[None]:
+    """Run the block with the calling thread in the netns `fd`, then return to where it was."""
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pyroute2_netns.setns(fd)
+        try:
+            yield
+        finally:
+            pyroute2_netns.setns(here)
+    finally:
+        os.close(here)
+
+
+def _link_error(what: str, e: BaseException) -> LinkError:
+    if isinstance(e, NetlinkError):
+        return LinkError(f"{what}: {os.strerror(e.code) if e.code else e}")
+    return LinkError(f"{what}: {e}")
+
+
+# ---- plug / unplug / check ------------------------------------------------------------------------
+
+
+def plug_port(
+    *,
+    ovsdb: str,
+    bridge: str,
+    ovs_netns: str,
+    target_netns: str,
+    ifname: str,
+    host_ifname: str,
+    port_id: str,
+    mac: str,
+    cidr: str,
+    gateway: str | None,
+    mtu: int,
+    owner_tag: str | None = None,
+    external_ids: Mapping[str, str] | None = None,
+    routes: Iterable[tuple[str, str]] = (),
+    timeout: float = OVS_TIMEOUT_S,
+) -> PlugResult:
+    """Create the veth, configure the target end (MAC, MTU, address, routes), attach the host end.
+
+    `routes` are extra (destination CIDR, via) routes, e.g. the Service CIDR via the node address.
+    On any failure everything created so far is removed and the error re-raised.
+    """
+    iface = ipaddress.IPv4Interface(cidr)
+    ids = {"iface-id": port_id, "attached-mac": mac, "iface-status": "active", **(external_ids or {})}
+    if owner_tag:
+        ids[EXT_OWNER] = owner_tag
+    with OvsDb.connect(ovsdb, timeout) as ovs:  # first: an unreachable OVS must leave nothing behind
+        try:
+            host, pod = Netns(ovs_netns), None
+        except OSError as e:
+            raise LinkError(f"cannot open the OVS netns {ovs_netns}: {e.strerror or e}") from None
+        try:
+            try:
+                pod = Netns(target_netns)
+            except OSError as e:
+                raise LinkError(f"cannot open netns {target_netns}: {e.strerror or e}") from None
+            if host.index(host_ifname) is not None or ovs.interface(host_ifname) is not None:
+                _unplug(ovs, host, {host_ifname})  # left over by an ADD that was killed mid-way
+            created = False
+            try:
+                try:
+                    host.ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
+                                  peer={"ifname": ifname, "net_ns_fd": pod.fd, "address": mac, "mtu": mtu})
+                except NetlinkError as e:
+                    raise _link_error(f"creating veth {host_ifname} <-> {ifname} in {target_netns}", e) from None
+                created = True
+                _configure_pod_end(pod, ifname, iface, gateway, routes)
+                _configure_host_end(host, host_ifname)
+                ovs.add_port(bridge, host_ifname, ids)
+                ofport = ovs.wait_ofport(host_ifname)
+                host_link = host.link(host_ifname)
+                host_mac = host_link.get_attr("IFLA_ADDRESS") if host_link is not None else ""
+            except BaseException:
+                if created:
+                    _rollback(ovs, host, host_ifname)
+                raise
+        finally:
+            host.close()
+            if pod is not None:
+                pod.close()
+    return PlugResult(host_ifname, host_mac, ifname, mac, target_netns, mtu, ofport)
+
+
+def _configure_pod_end(pod: Netns, ifname: str, iface: ipaddress.IPv4Interface, gateway: str | None,
+                       routes: Iterable[tuple[str, str]]) -> None:
+    where = f"in {pod.path}"
+    try:
+        idx = pod.index(ifname)
+        if idx is None:
+            raise LinkError(f"{ifname} did not appear {where}")
+        pod.tx_checksum_off(ifname)
+        pod.ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        pod.ipr.link("set", index=idx, state="up")
+        lo = pod.index("lo")
+        if lo is not None:
+            pod.ipr.link("set", index=lo, state="up")
+        if gateway:
+            pod.ipr.route("add", dst="default", gateway=gateway, oif=idx)
+        for dst, via in routes:
+            pod.ipr.route("add", dst=dst, gateway=via, oif=idx)
+    except LinkError:
+        raise
+    except (NetlinkError, OSError) as e:
+        raise _link_error(f"configuring {ifname} ({iface}, gateway {gateway}) {where}", e) from None
+
+
+def _configure_host_end(host: Netns, name: str) -> None:
+    try:
+        host.tx_checksum_off(name)
+        idx = host.index(name)
+        if idx is None:
+            raise LinkError(f"{name} vanished from {host.path}")
+        host.ipr.link("set", index=idx, state="up")
+    except LinkError:
+        raise
+    except (NetlinkError, OSError) as e:
+        raise _link_error(f"configuring host end {name} in {host.path}", e) from None
+
+
+def _rollback(ovs: OvsDb, host: Netns, name: str) -> None:
+    """Best effort: the original error matters more than a failure to clean up."""
+    with contextlib.suppress(Exception):
+        ovs.del_port(name)
+    with contextlib.suppress(Exception):
+        host.delete(name)
+
+
+def _unplug(ovs: OvsDb, host: Netns | None, names: set[str]) -> list[str]:
+    removed = []
+    for name in sorted(names):
+        had_port = ovs.interface(name) is not None
+        ovs.del_port(name)
+        had_link = False
+        if host is not None:
+            try:
+                had_link = host.delete(name)
+            except NetlinkError as e:
+                raise _link_error(f"deleting {name} in {host.path}", e) from None
+        if had_port or had_link:
+            removed.append(name)
+    return removed
+
+
+def unplug_port(
+    *,
+    ovsdb: str,
+    ovs_netns: str,
+    host_ifname: str,
+    match: Mapping[str, str] | None = None,
+    timeout: float = OVS_TIMEOUT_S,
+) -> list[str]:
+    """Remove the OVS port(s) and host veth(s) of one attachment; idempotent.
+
+    Finds them by the deterministic `host_ifname` and by `match` (external_ids, e.g. the
+    container id), so a port is found even if the naming scheme changes. Returns what it removed.
+    Raises OvsUnavailable before touching anything if OVSDB cannot be reached.
+    """
+    with OvsDb.connect(ovsdb, timeout) as ovs:
+        names = {host_ifname}
+        if match:
+            names.update(ovs.find_interfaces(match))
+        try:
+            host: Netns | None = Netns(ovs_netns)
+        except FileNotFoundError:
+            host = None  # the OVS netns is gone, and every veth end with it
+        except OSError as e:
+            raise LinkError(f"cannot open the OVS netns {ovs_netns}: {e.strerror or e}") from None
+        try:
+            return _unplug(ovs, host, names)
+        finally:
+            if host is not None:
+                host.close()
+
+
+def check_port(
+    *,
+    ovsdb: str,
+    bridge: str,
+    ovs_netns: str,
+    target_netns: str,
+    ifname: str,
+    host_ifname: str,
+    mac: str,
+    cidrs: Iterable[str],
+    external_ids: Mapping[str, str] | None = None,
+    timeout: float = OVS_TIMEOUT_S,
+) -> list[str]:
+    """Everything that differs from what plug_port left behind; [] when all is in place."""
+    problems: list[str] = []
+    with OvsDb.connect(ovsdb, timeout) as ovs:
+        row = ovs.interface(host_ifname)
+        if row is None:
+            problems.append(f"OVS has no interface {host_ifname}")
+        else:
+            if row["bridge"] != bridge:
+                problems.append(f"OVS interface {host_ifname} is on bridge {row['bridge']!r}, not {bridge!r}")
+            if not (isinstance(row["ofport"], int) and row["ofport"] > 0):
+                problems.append(f"OVS interface {host_ifname} is not attached: {row['error'] or row['ofport']}")
+            ext = row["external_ids"]
+            if not ext.get("iface-id"):
+                problems.append(f"OVS interface {host_ifname} has no iface-id")
+            if ext.get("attached-mac") != mac:
+                problems.append(f"OVS interface {host_ifname} has attached-mac {ext.get('attached-mac')!r}")
+            for key, want in (external_ids or {}).items():
+                if ext.get(key) != want:
+                    problems.append(f"OVS interface {host_ifname} has {key}={ext.get(key)!r}, expected {want!r}")
+    problems += _check_links(ovs_netns, target_netns, ifname, host_ifname, mac, cidrs)
+    return problems
+
+
+def _check_links(ovs_netns: str, target_netns: str, ifname: str, host_ifname: str, mac: str,
+                 cidrs: Iterable[str]) -> list[str]:
+    problems: list[str] = []
+    for path, name, want_mac, want_cidrs in ((ovs_netns, host_ifname, None, ()),
+                                             (target_netns, ifname, mac, tuple(cidrs))):
+        try:
+            ns = Netns(path)
+        except OSError as e:
+            problems.append(f"netns {path}: {e.strerror or e}")
+            continue
+        with ns:
+            link = ns.link(name)
+            if link is None:
+                problems.append(f"{name} is missing in {path}")
+                continue
+            if not link["flags"] & 1:  # IFF_UP
+                problems.append(f"{name} in {path} is down")
+            if want_mac is not None and link.get_attr("IFLA_ADDRESS") != want_mac:
+                problems.append(f"{name} in {path} has MAC {link.get_attr('IFLA_ADDRESS')}, expected {want_mac}")
+            have = ns.addresses(link["index"])
+            problems += [f"{name} in {path} lacks address {c}" for c in want_cidrs if c not in have]
+            if ns.tx_checksum_on(name):
+                problems.append(f"{name} in {path} has TX checksum offload on")
+    return problems
