@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -27,7 +26,7 @@ class FakeIaaS(IaaS):
             self.calls.append(f"ensure_network {spec.tenant}")
             net = self.networks.get(spec.tenant)
             if net is None:
-                gw = spec.gateway or str(next(ipaddress.ip_network(spec.cidr).hosts()))
+                gw = spec.gateway  # like OvnIaaS: no gateway unless asked for
                 net = Network(f"netctl-{spec.tenant}", spec.tenant, spec.cidr, gw, spec.mtu)
                 self.networks[spec.tenant] = net
                 self.alloc[spec.tenant] = SubnetAllocator(spec.cidr, gateway=gw)

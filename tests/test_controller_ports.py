@@ -156,3 +156,13 @@ def test_resync_deletes_orphans_and_enqueues_repairs(world):
     assert ctl.plan().empty
     ips = [p.ip for p in iaas.ports.values()]
     assert len(ips) == len(set(ips)) == 3
+
+
+def test_gateway_defaults_to_first_host_and_is_never_allocated(world):
+    ctl, pods, iaas, _, _ = world
+    for i in range(5):
+        pods.put(pod(f"p{i}", uid=f"u{i}"))
+        ctl.sync_pod(f"tenant-a/p{i}")
+    assert iaas.get_network("a").gateway == "10.1.0.1"
+    assert "10.1.0.1" not in {p.ip for p in iaas.ports.values()}
+    assert annotation_of(pods, "tenant-a/p0").gateway == "10.1.0.1"

@@ -8,6 +8,7 @@ carries its owner's identity, so the next pass always sees what the last one did
 from __future__ import annotations
 
 import builtins
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -43,6 +44,14 @@ class Writer(Protocol):
 
 class Recorder(Protocol):
     def record(self, obj: Obj, type_: str, reason: str, message: str) -> None: ...
+
+
+def default_gateway(cidr: str) -> str | None:
+    """The first host address, as the Tenant CRD documents (and as Neutron defaults a subnet's gateway)."""
+    try:
+        return str(next(ipaddress.ip_network(cidr, strict=False).hosts()))
+    except (ValueError, StopIteration):
+        return None  # NetworkSpec reports the bad CIDR
 
 
 class TenantNotReady(Exception):
@@ -93,10 +102,11 @@ class PortController:
 
     def _spec_of(self, name: str, obj: Obj) -> NetworkSpec:
         spec = obj.get("spec") or {}
+        cidr = str(spec.get("cidr", ""))
         return NetworkSpec(
             tenant=name,
-            cidr=str(spec.get("cidr", "")),
-            gateway=spec.get("gateway") or None,
+            cidr=cidr,
+            gateway=spec.get("gateway") or default_gateway(cidr),
             mtu=int(spec.get("mtu") or self.default_mtu),
         )
 

@@ -428,4 +428,6 @@ class Lab:
         """Remove everything this lab created; safe to call twice or on a half-built lab."""
         from netctl.lab import teardown
 
-        teardown.remove_lab(self.run_dir, self.state if self.state.prefix else None, live=self)
+        # What is on disk is at least as complete as our own record (we save as we go), and it is
+        # all there is when another process brought the lab up.
+        teardown.remove_lab(self.run_dir, LabState.load(self.run_dir) or self.state, live=self)

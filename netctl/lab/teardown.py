@@ -107,8 +107,10 @@ def remove_lab(run_dir: Path, state: LabState | None, live: Lab | None = None) -
     for ns in (state.netns if state else []):
         _step(f"removing netns {ns}", _del_netns, ns)
 
-    # 5. files
+    # 5. files (and the parent, when the lab was all it held, e.g. /var/lib/netctl)
     shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()
 
 
 def _del_link(name: str) -> None:
