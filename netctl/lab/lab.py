@@ -331,7 +331,6 @@ class Lab:
     def attach_node_nic(self, node: NodeSpec, netns: str) -> Any:
         """What the IaaS does for a VM: a port on the tenant network, plugged as the VM's `eth1`."""
         from cni.ovs_binding import plug_port
-
         from netctl.iaas.base import PortOwner
 
         net = self.wait_network(node.tenant)
