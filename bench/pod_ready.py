@@ -11,6 +11,7 @@ trip is the reference printed beside them. Prints medians and the worst case; ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import threading
@@ -93,10 +94,8 @@ def main() -> int:
     finally:
         stop.set()
         for name in names:
-            try:
+            with contextlib.suppress(client.ApiException):
                 core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
-            except client.ApiException:
-                pass
 
     def stat(key: str) -> str:
         vals = [seen[n][key] - created[n] for n in created if key in seen.get(n, {})]
