@@ -34,6 +34,8 @@ from pyroute2 import netns as pyroute2_netns
 from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink.exceptions import NetlinkError
 
+from netctl.ovsdb import per_instance_connection
+
 EXT_CONTAINER_ID = "netctl:container-id"
 EXT_IFNAME = "netctl:ifname"
 EXT_POD = "netctl:pod"
@@ -83,16 +85,7 @@ class PlugResult:
 # ---- OVSDB --------------------------------------------------------------------------------------
 
 
-class _Api(impl_idl.OvsdbIdl):
-    """ovsdbapp keeps the connection in a class attribute (first instance wins); keep it per instance."""
-
-    @property
-    def ovsdb_connection(self) -> Any:
-        return self.__dict__["_netctl_conn"]
-
-    @ovsdb_connection.setter
-    def ovsdb_connection(self, conn: Any) -> None:
-        self.__dict__["_netctl_conn"] = conn
+_Api = per_instance_connection(impl_idl.OvsdbIdl)
 
 
 class OvsDb:

@@ -56,6 +56,7 @@ from netctl.iaas.base import (
     PortRequest,
     SubnetExhausted,
 )
+from netctl.ovsdb import per_instance_connection
 
 LOG = logging.getLogger(__name__)
 
@@ -85,17 +86,7 @@ def switch_name(tenant: str) -> str:
     return SWITCH_PREFIX + tenant
 
 
-class _NbApi(OvnNbApiIdlImpl):
-    """ovsdbapp keeps the connection in a *class* attribute (the first instance's wins); keep it
-    per instance so several OvnIaaS objects (restart tests, several NB DBs) can coexist."""
-
-    @property
-    def ovsdb_connection(self) -> Any:
-        return self.__dict__["_conn"]
-
-    @ovsdb_connection.setter
-    def ovsdb_connection(self, conn: Any) -> None:
-        self.__dict__["_conn"] = conn
+_NbApi = per_instance_connection(OvnNbApiIdlImpl)
 
 
 def _ipv4_tokens(entries: Iterable[str]) -> Iterator[int]:

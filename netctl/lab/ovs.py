@@ -38,6 +38,8 @@ from ovsdbapp.schema.open_vswitch import impl_idl as ovs_impl_idl
 from pyroute2 import NetNS
 from pyroute2 import netns as pyroute2_netns
 
+from netctl.ovsdb import per_instance_connection
+
 OVS_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 OVN_NB_SCHEMA = Path("/usr/share/ovn/ovn-nb.ovsschema")
 OVN_SB_SCHEMA = Path("/usr/share/ovn/ovn-sb.ovsschema")
@@ -257,23 +259,7 @@ class _Stack:
             d.stop()
 
 
-def _instance_connection_api(base: type[Any]) -> type[Any]:
-    """ovsdbapp keeps the connection in a *class* attribute (first instance wins); give each
-    instance its own, so several stacks/DBs can be used from one process."""
-
-    class _Api(base):
-        @property
-        def ovsdb_connection(self) -> Any:
-            return self.__dict__["_conn"]
-
-        @ovsdb_connection.setter
-        def ovsdb_connection(self, conn: Any) -> None:
-            self.__dict__["_conn"] = conn
-
-    return _Api
-
-
-_OvsApi = _instance_connection_api(ovs_impl_idl.OvsdbIdl)
+_OvsApi = per_instance_connection(ovs_impl_idl.OvsdbIdl)
 
 
 class OvsStack(_Stack):

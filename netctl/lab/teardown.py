@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute, netns
+
+from netctl.lab.procs import kill_pid, proc_cmdline
 
 if TYPE_CHECKING:
     from netctl.lab.lab import Lab, LabState
@@ -23,37 +22,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def kill_pidfiles(root: Path, timeout: float = 10.0) -> None:
-    """TERM then KILL every process named by a pidfile under ``root`` whose command line mentions ``root``.
+    """Stop every process named by a pidfile under ``root`` whose command line mentions ``root``.
 
     The command-line check keeps a stale pidfile from ever killing an unrelated process.
     """
-    pids: list[int] = []
+
+    def ours(pid: int) -> bool:
+        argv = proc_cmdline(pid)
+        return argv is not None and any(str(root) in a or root.name in a for a in argv)
+
     for pidfile in root.rglob("*.pid"):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(pidfile.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if str(root) in cmdline or root.name in cmdline:
-                pids.append(pid)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            if ours(pid):
+                kill_pid(pid, timeout, check=ours)
 
 
 def _step(what: str, func: Any, *args: Any) -> None:
