@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from netctl.lab.k8s import find_k8s_binary
 from netctl.lab.lab import DEFAULT_RUN_DIR, Lab, LabState
 from netctl.lab.topology import demo
 
@@ -60,9 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if state is None:
             print(f"no lab in {args.run_dir}")
             return 1
-        print(json.dumps({"prefix": state.prefix, "ready": state.ready, "nodes": state.nodes,
-                          "kubeconfig": str(args.run_dir / "k8s" / "kubeconfig" / "admin.yaml")}, indent=2))
-        return 0 if state.ready else 1
+        kubeconfig = args.run_dir / "k8s" / "kubeconfig" / "admin.yaml"
+        healthy = state.ready and Lab.is_healthy(args.run_dir)
+        print(json.dumps({"prefix": state.prefix, "ready": state.ready, "healthy": healthy,
+                          "nodes": state.nodes, "kubeconfig": str(kubeconfig)}, indent=2))
+        if args.pods and healthy:
+            kubectl = [str(find_k8s_binary("kubectl")), f"--kubeconfig={kubeconfig}"]
+            for what in (["get", "tenants"], ["get", "nodes,pods", "-A", "-o", "wide"]):
+                subprocess.run([*kubectl, *what], check=False)
+        return 0 if healthy else 1
 
     # up
     if state is not None:
