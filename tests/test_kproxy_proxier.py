@@ -1,0 +1,177 @@
+"""Proxier sync decisions and the scheduler, against the transactional fake backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from kproxy.nft import FakeBackend
+from kproxy.proxier import Proxier, SyncLoop, SyncScheduler
+from kproxy.render import RenderConfig, full_script, service_elements
+from kproxy.script import Ruleset
+from kproxy.tracer import Packet, trace
+from tests.test_kproxy_tracker import eps, svc
+
+CFG = RenderConfig(table="kpt", buckets=4)
+
+
+def make() -> tuple[Proxier, FakeBackend, CollectorRegistry]:
+    backend, reg = FakeBackend(), CollectorRegistry()
+    p = Proxier(backend, CFG, registry=reg)
+    p.mark_initialized()
+    return p, backend, reg
+
+
+def expected_table(p: Proxier) -> object:
+    """What a from-scratch full render of the tracker's state gives: the fake kernel must equal it."""
+    st = p.tracker.all_states()
+    rs = Ruleset()
+    rs.apply(full_script([service_elements(st[k], CFG) for k in sorted(st)], CFG))
+    return rs.tables
+
+
+def test_nothing_written_before_initialized() -> None:
+    backend = FakeBackend()
+    p = Proxier(backend, CFG)
+    p.on_service(svc())
+    assert p.sync().mode == "skipped" and backend.applied == []
+
+
+def test_first_sync_full_then_partial() -> None:
+    p, backend, reg = make()
+    p.on_service(svc())
+    p.on_slice(eps())
+    r = p.sync()
+    assert (r.mode, r.error, r.changed) == ("full", None, 1)
+    assert backend.applied[0].startswith("add table ip kpt\ndelete table ip kpt\n")
+    p.on_slice(eps(addrs=["10.1.0.5", "10.1.0.6"]))
+    r = p.sync()
+    assert (r.mode, r.error, r.changed) == ("partial", None, 1)
+    assert "table" not in backend.applied[1] and all("element" in ln for ln in backend.applied[1].splitlines())
+    assert backend.ruleset.tables == expected_table(p)
+    assert reg.get_sample_value("kproxy_sync_duration_seconds_count", {"mode": "full"}) == 1
+    assert reg.get_sample_value("kproxy_sync_duration_seconds_count", {"mode": "partial"}) == 1
+    assert reg.get_sample_value("kproxy_elements") == 1 + 4  # one frontend, four buckets
+    assert reg.get_sample_value("kproxy_last_successful_sync_timestamp_seconds") > 0  # type: ignore[operator]
+
+
+def test_partial_touches_only_the_changed_service() -> None:
+    p, backend, _ = make()
+    for i in range(20):
+        p.on_service(svc(name=f"s{i}", ip=f"10.96.0.{i + 1}"))
+        p.on_slice(eps(service=f"s{i}", addrs=[f"10.1.0.{i + 1}"]))
+    p.sync()
+    p.on_slice(eps(service="s7", addrs=["10.1.0.8", "10.1.9.9"]))
+    assert p.sync().mode == "partial"
+    touched = {w for w in backend.applied[-1].split() if w.startswith("10.96.")}
+    assert touched == {"10.96.0.8"}
+    assert backend.ruleset.tables == expected_table(p)
+
+
+def test_no_change_no_transaction() -> None:
+    p, backend, _ = make()
+    p.on_service(svc())
+    p.sync()
+    p.on_service(svc())  # same object again (resync)
+    assert p.sync().mode == "partial" and len(backend.applied) == 1
+
+
+def test_failed_partial_makes_next_sync_full_and_converges() -> None:
+    p, backend, reg = make()
+    p.on_service(svc())
+    p.on_slice(eps())
+    p.sync()
+    p.on_slice(eps(addrs=["10.1.0.6"]))
+    backend.fail_next = 1
+    r = p.sync()
+    assert r.mode == "partial" and r.error
+    assert p.needs_full
+    assert reg.get_sample_value("kproxy_sync_errors_total", {"mode": "partial"}) == 1
+    # the kernel still has the old endpoint (transaction refused as a whole)
+    table = backend.ruleset.tables[("ip", "kpt")]
+    assert trace(table, Packet("10.1.0.9", "10.96.0.10", "tcp", 80), bucket=0).daddr == "10.1.0.5"
+    r = p.sync()
+    assert (r.mode, r.error) == ("full", None)
+    assert trace(backend.ruleset.tables[("ip", "kpt")], Packet("10.1.0.9", "10.96.0.10", "tcp", 80),
+                 bucket=0).daddr == "10.1.0.6"
+
+
+def test_failed_full_retries_full() -> None:
+    p, backend, _ = make()
+    p.on_service(svc())
+    backend.fail_next = 1
+    assert p.sync().error
+    assert p.sync().mode == "full" and backend.ruleset.tables == expected_table(p)
+
+
+def test_drift_detected_then_full_resync() -> None:
+    p, backend, reg = make()
+    p.on_service(svc())
+    p.on_slice(eps())
+    p.sync()
+    assert p.verify() is None
+    backend.flush_ruleset()  # another agent: nft flush ruleset
+    assert p.verify() == "table missing"
+    assert reg.get_sample_value("kproxy_drift_detected_total") == 1
+    assert p.sync().mode == "full" and backend.ruleset.tables == expected_table(p)
+    # a rule removed from one of our chains is drift too
+    backend.ruleset.tables[("ip", "kpt")].chains["svc_dnat"].rules.clear()
+    assert p.verify() == "chain svc_dnat has 0 rules, expected 1"
+
+
+def test_scheduler_coalesces_bursts_and_respects_min_period() -> None:
+    s = SyncScheduler(min_period=1.0, verify_period=10.0)
+    assert s.take(0.0) == "sync"  # the first sync is always due
+    for _ in range(100):
+        s.request()
+    assert s.take(0.5) is None and s.wait_time(0.5) == 0.5
+    assert s.take(1.0) == "sync"
+    assert s.take(1.0) is None and s.take(5.0) is None  # burst coalesced into one sync
+    s.request()
+    assert s.take(5.0) == "sync"  # min period long past: immediately
+    assert s.take(10.0) == "verify" and s.take(10.0) is None
+
+
+def test_scheduler_periodic_resync() -> None:
+    s = SyncScheduler(min_period=1.0, max_period=30.0)
+    assert s.take(0.0) == "sync"
+    assert s.take(29.0) is None and s.take(30.0) == "sync"
+
+
+def test_sync_loop_coalesces_with_a_real_thread() -> None:
+    backend = FakeBackend()
+    lock = threading.Lock()
+    holder: list[SyncLoop] = []
+
+    def poke() -> None:
+        with lock:
+            if holder:
+                holder[0].poke()
+
+    p = Proxier(backend, CFG, on_change=poke)
+    loop = SyncLoop(p, SyncScheduler(min_period=0.3, verify_period=0.1))
+    holder.append(loop)
+    p.mark_initialized()
+    loop.start()
+    try:
+        p.on_service(svc())
+        time.sleep(0.05)  # the initial full sync has run
+        for i in range(50):
+            p.on_slice(eps(addrs=[f"10.1.0.{i + 1}"]))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and p.tracker.pending():
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert p.tracker.pending() == 0
+        assert len(backend.applied) <= 3  # 1 full (+ maybe the first service) + 1 coalesced partial
+        assert backend.ruleset.tables == expected_table(p)
+        # drift found by the loop's own verification is repaired without any event
+        backend.flush_ruleset()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and ("ip", "kpt") not in backend.ruleset.tables:
+            time.sleep(0.02)
+        assert backend.ruleset.tables == expected_table(p)
+    finally:
+        loop.stop()
