@@ -44,6 +44,26 @@ class ControllerConfig(config.CommonConfig):
     identity: str = dataclasses.field(
         default="", metadata={"help": "leader-election identity (default: hostname_pid)"}
     )
+    lease_duration_s: float = dataclasses.field(
+        default=15.0,
+        metadata={"help": "seconds a standby waits after the leader's last renewal before taking over"},
+    )
+    renew_deadline_s: float = dataclasses.field(
+        default=10.0,
+        metadata={"help": "seconds the leader keeps trying to renew before it gives up leading "
+                  "(must be below lease_duration_s)"},
+    )
+    retry_period_s: float = dataclasses.field(
+        default=2.0, metadata={"help": "seconds between leader-election attempts (renewals and campaigns)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise config.ConfigError(
+                "leader election: need 0 < retry_period_s < renew_deadline_s < lease_duration_s, got "
+                f"{self.retry_period_s} / {self.renew_deadline_s} / {self.lease_duration_s}"
+            )
 
 
 def _iaas(cfg: ControllerConfig):  # type: ignore[no-untyped-def]
@@ -87,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.leader_elect:
         elector = LeaderElector(
             ApiLeaseStore(api), namespace=cfg.lease_namespace, name=cfg.lease_name, identity=identity,
+            lease_duration_s=cfg.lease_duration_s, renew_deadline_s=cfg.renew_deadline_s,
+            retry_period_s=cfg.retry_period_s,
             on_started_leading=lead, on_stopped_leading=lost,
         )
         elector.start()

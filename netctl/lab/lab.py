@@ -105,7 +105,10 @@ class Lab:
         self.mgmt: Any = None
         self.cp: Any = None
         self.iaas: Any = None
-        self.controller: Any = None
+        self.controller: Any = None  # replica 0 (the only one unless a test starts more)
+        self.controllers: dict[int, Any] = {}
+        self._identities: dict[int, str] = {}
+        self._metrics_urls: dict[int, str] = {}
         self.runtimes: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
 
@@ -230,34 +233,73 @@ class Lab:
 
     # -- the controller --------------------------------------------------------------------------
 
-    def start_controller(self) -> None:
+    def controller_files(self, replica: int = 0) -> tuple[Path, Path]:
+        """(log, pidfile) of one controller replica; replica 0 keeps the single-replica names."""
+        stem = "controller" if replica == 0 else f"controller-{replica}"
+        return self.run_dir / f"{stem}.log", self.run_dir / f"{stem}.pid"
+
+    def controller_identity(self, replica: int = 0) -> str | None:
+        """The leader-election identity the replica runs with (None: never started)."""
+        return self._identities.get(replica)
+
+    def controller_url(self, replica: int = 0) -> str | None:
+        """Base URL of the replica's /metrics and /healthz (None: never started)."""
+        return self._metrics_urls.get(replica)
+
+    def replica_of(self, identity: str | None) -> int | None:
+        """Which replica holds ``identity`` (e.g. a Lease's holderIdentity), None if none of ours."""
+        return next((r for r, ident in self._identities.items() if ident == identity), None)
+
+    def start_controller(self, replica: int = 0, extra_args: tuple[str, ...] = ()) -> None:
+        """Start one `netctl controller` process; several replicas campaign for the same Lease.
+
+        Each start gets a fresh identity (``<prefix>-c<replica>-<random>``), so a restarted replica
+        is a new candidate that waits for its predecessor's lease to expire, as a new pod would.
+        """
         from netctl.lab.procs import Daemon, free_port
 
+        identity = f"{self.prefix}-c{replica}-{secrets.token_hex(3)}"
+        metrics_port = free_port()
         argv = [
             _venv_bin("netctl"), "controller",
             f"--kubeconfig={self.cp.kubeconfig('netctl-controller')}",
             f"--ovn-nb={self.ovn.nb_connection}",
             f"--chassis={self.chassis}",
-            f"--metrics-port={free_port()}",
+            f"--metrics-port={metrics_port}",
             "--lease-namespace=kube-system",
+            f"--identity={identity}",
             *self.controller_args,
+            *extra_args,
         ]
-        self.controller = Daemon(
-            "netctl-controller", argv, self.run_dir / "controller.log", self.run_dir / "controller.pid"
-        )
-        self.controller.start()
+        log_path, pid_path = self.controller_files(replica)
+        daemon = Daemon(f"netctl-controller-{replica}" if replica else "netctl-controller", argv, log_path, pid_path)
+        daemon.start()
+        self.controllers[replica] = daemon
+        self._identities[replica] = identity
+        self._metrics_urls[replica] = f"http://127.0.0.1:{metrics_port}"
+        if replica == 0:
+            self.controller = daemon
 
-    def stop_controller(self, kill: bool = False) -> None:
-        if self.controller is None:
+    def stop_controller(self, kill: bool = False, replica: int = 0) -> None:
+        """Stop one replica: SIGTERM (it releases its lease) or, with ``kill``, SIGKILL (it does not)."""
+        daemon = self.controllers.get(replica)
+        if daemon is None:
             return
-        pid = self.controller.pid
+        pid = daemon.pid
         if kill and pid:
             os.kill(pid, 9)
             deadline = time.monotonic() + 10
-            while self.controller.pid and time.monotonic() < deadline:
+            while daemon.pid and time.monotonic() < deadline:
                 time.sleep(0.05)
         else:
-            self.controller.stop()
+            daemon.stop()
+
+    def stop_controllers(self, kill: bool = False) -> None:
+        for replica in sorted(self.controllers):
+            self.stop_controller(kill=kill, replica=replica)
+
+    def _controllers_dead(self) -> bool:
+        return bool(self.controllers) and all(d.pid is None for d in self.controllers.values())
 
     def wait_network(self, tenant: str, timeout: float = 60.0) -> Any:
         deadline = time.monotonic() + timeout
@@ -265,7 +307,7 @@ class Lab:
             net = self.iaas.get_network(tenant)
             if net is not None:
                 return net
-            if self.controller is not None and self.controller.pid is None:
+            if self._controllers_dead():
                 raise RuntimeError(f"the controller exited; see {self.run_dir / 'controller.log'}")
             time.sleep(0.1)
         raise TimeoutError(
@@ -427,6 +469,10 @@ class Lab:
         """Remove everything this lab created; safe to call twice or on a half-built lab."""
         from netctl.lab import teardown
 
+        # Extra replicas first (teardown knows replica 0 as `self.controller`; pidfiles catch the rest).
+        for replica in sorted(r for r in self.controllers if r != 0):
+            with contextlib.suppress(Exception):
+                self.controllers[replica].stop()
         # What is on disk is at least as complete as our own record (we save as we go), and it is
         # all there is when another process brought the lab up.
         teardown.remove_lab(self.run_dir, LabState.load(self.run_dir) or self.state, live=self)
