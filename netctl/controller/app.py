@@ -133,8 +133,26 @@ class Controller:
                 raise TimeoutError(f"informer {inf.name} did not sync within {timeout} s")
 
     def run(self) -> None:
-        """Serve the queue (as leader). A full SYNC runs first, so nothing missed while we were down is lost."""
-        self.queue.add(SYNC_KEY, Priority.SYNC)
+        """Serve the queue (as leader), on a thread of its own: returns at once.
+
+        A full reconcile runs *before* the workers start, so orphans left while no replica was
+        leading are deleted first and every pod that needs repair is queued with what the
+        informers queued meanwhile (a standby's queue fills while it waits for the lease).
+        """
+        threading.Thread(target=self._serve, name="controller-serve", daemon=True).start()
+
+    def _serve(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self.handle(SYNC_KEY, Priority.SYNC)
+                break
+            except Exception:
+                log.exception("initial reconcile failed; retrying in %.1f s", delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        if self._stop.is_set():
+            return
         self.queue.run_workers(self.opts.workers, self.handle)  # raising = retry with back-off
         self._timer = threading.Thread(target=self._periodic, name="resync-timer", daemon=True)
         self._timer.start()
