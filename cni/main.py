@@ -5,8 +5,9 @@ on stdin. stdout carries exactly one JSON document (the ADD result, the VERSION 
 spec's error object) and nothing else: library chatter is redirected to the log, and any
 unexpected exception becomes error 999 with the traceback in the log, never on stdout.
 
-Only VERSION, STATUS and GC stay on the stdlib; ADD/DEL/CHECK import the Kubernetes client
-(ADD only), pyroute2 and ovsdbapp when they run (DESIGN §5: start-up time is pod start time).
+Only VERSION and STATUS stay on the stdlib (STATUS probes OVSDB with one raw JSON-RPC call);
+ADD/DEL/CHECK/GC import the Kubernetes client (ADD only), pyroute2 and ovsdbapp when they run
+(DESIGN §5: start-up time is pod start time).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def run(env: Mapping[str, str], stdin: IO[bytes] | bytes, out: IO[str]) -> int:
         conf_dict = parse_stdin(data)
         version = negotiate_version(conf_dict)
         if inv.command in ("STATUS", "GC"):
-            _not_yet(inv.command, version)
+            _needs_1_1(inv.command, version)
         conf = NetConf.from_dict(conf_dict, version, env)
         log.use_file(conf.log_file)
         if inv.args.pod_namespace and inv.args.pod_name:
@@ -169,12 +170,10 @@ def _requested_version(data: bytes) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def _not_yet(command: str, version: str) -> None:
+def _needs_1_1(command: str, version: str) -> None:
     if not version_at_least(version, "1.1.0"):
         raise CniError(Code.INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0 or later",
                        f"config cniVersion is {version}")
-    raise CniError(Code.INVALID_ENV, f"CNI_COMMAND {command} is not supported yet by netctl-cni",
-                   "use cniVersion 1.0.0 in the conflist until it is")
 
 
 # ---- ADD ---------------------------------------------------------------------------------------------
@@ -188,6 +187,7 @@ def cmd_add(inv: Invocation, conf: NetConf, log: Log) -> Result:
                        "netctl-cni networks Kubernetes pods only")
     if not os.path.exists(inv.netns):
         raise CniError(Code.INVALID_ENV, f"CNI_NETNS {inv.netns} does not exist")
+    prev = Result.from_dict(conf.prev_result) if conf.prev_result is not None else None
     deadline = time.monotonic() + conf.annotation_timeout_s
     from cni import kubeapi
 
@@ -197,7 +197,21 @@ def cmd_add(inv: Invocation, conf: NetConf, log: Log) -> Result:
         raise CniError(Code.INVALID_NETCONF, f"invalid network config: kubeconfig: {e}") from None
     with client:
         port, uid = resolve_port(client, conf, ns, name, inv.args.pod_uid, deadline, log)
-    return plug(inv, conf, port, ns, name, uid, log)
+    ours = plug(inv, conf, port, ns, name, uid, log)
+    return ours if prev is None else chain_after(prev, ours)
+
+
+def chain_after(prev: Result, ours: Result) -> Result:
+    """Not first in a chain: pass prevResult through with our interface, addresses and routes added.
+
+    Our `ips[].interface` indices are shifted past the interfaces already listed; the DNS of
+    prevResult is kept unless we configure one.
+    """
+    shift = len(prev.interfaces)
+    ips = tuple(IPConfig(ip.address, None if ip.interface is None else ip.interface + shift, ip.gateway)
+                for ip in ours.ips)
+    dns = ours.dns if ours.dns.to_dict() else prev.dns
+    return Result(prev.interfaces + ours.interfaces, prev.ips + ips, prev.routes + ours.routes, dns)
 
 
 def _api_call(fn: Callable[[float], dict[str, Any]], what: str, deadline: float) -> dict[str, Any]:
@@ -345,14 +359,16 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
                            f"pod subnet {port.interface.network}, so it cannot route serviceCidr {cidr}")
         routes.append((cidr, via))
     host = ob.host_ifname(inv.container_id, inv.ifname)
-    ids = {ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname, ob.EXT_POD: f"{ns}/{name}"}
+    ids = {ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname, ob.EXT_POD: f"{ns}/{name}",
+           ob.EXT_NETWORK: conf.name}
     if uid:
         ids[ob.EXT_POD_UID] = uid
     try:
         res = ob.plug_port(
             ovsdb=conf.ovsdb, bridge=conf.bridge, ovs_netns=conf.ovs_netns, target_netns=inv.netns,
             ifname=inv.ifname, host_ifname=host, port_id=port.port_id, mac=port.mac, cidr=port.ip,
-            gateway=port.gateway, mtu=port.mtu, owner_tag=f"pod:{ns}/{name}", external_ids=ids, routes=routes,
+            gateway=port.gateway, mtu=port.mtu, owner_tag=f"{ob.OWNER_POD_PREFIX}{ns}/{name}", external_ids=ids,
+            routes=routes, alias=ob.attachment_alias(conf.name, inv.container_id, inv.ifname),
         )
     except ob.BindingError as e:
         raise _binding_error(e, "plugging the pod") from None
@@ -417,10 +433,41 @@ def cmd_check(inv: Invocation, conf: NetConf, log: Log) -> None:
         raise CniError(Code.CHECK_FAILED, f"{inv.ifname} in {inv.netns} is not as ADD left it", "; ".join(problems))
 
 
+# ---- STATUS / GC (CNI 1.1) -------------------------------------------------------------------------
+
+
+def cmd_status(inv: Invocation, conf: NetConf, log: Log) -> None:
+    """Ready (exit 0, no output) when OVSDB answers and the bridge exists; else code 50 saying what is missing."""
+    from cni import ovsdb_probe
+
+    try:
+        found = ovsdb_probe.bridge_exists(conf.ovsdb, conf.bridge)
+    except ovsdb_probe.ProbeError as e:
+        raise CniError(Code.PLUGIN_NOT_AVAILABLE, "Open vSwitch is not available: cannot plug pods", str(e)) from None
+    if not found:
+        raise CniError(Code.PLUGIN_NOT_AVAILABLE, f"OVS bridge {conf.bridge} does not exist: cannot plug pods",
+                       f"OVSDB {conf.ovsdb} answers but has no bridge {conf.bridge!r} (is ovn-controller set up?)")
+
+
+def cmd_gc(inv: Invocation, conf: NetConf, log: Log) -> None:
+    """Remove this network's attachments (OVS port + host veth) that the runtime no longer knows."""
+    from cni import ovs_binding as ob
+    from cni.netconf import valid_attachments
+
+    valid = valid_attachments(conf.raw)
+    try:
+        removed = ob.gc_attachments(ovsdb=conf.ovsdb, ovs_netns=conf.ovs_netns, network=conf.name, valid=valid)
+    except ob.BindingError as e:
+        raise _binding_error(e, "garbage-collecting attachments") from None
+    log.info(f"GC kept {len(valid)} valid attachment(s), removed {', '.join(removed) or 'nothing'}")
+
+
 VERBS: dict[str, Callable[[Invocation, NetConf, Log], Result | None]] = {
     "ADD": cmd_add,
     "DEL": cmd_del,
     "CHECK": cmd_check,
+    "STATUS": cmd_status,
+    "GC": cmd_gc,
 }
 
 if __name__ == "__main__":

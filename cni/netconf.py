@@ -96,6 +96,28 @@ class NetConf:
         return self.kubeconfig
 
 
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+
+
+def valid_attachments(conf: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """GC's `cni.dev/valid-attachments`: (containerID, ifname) pairs; malformed is code 7."""
+    value = conf.get(VALID_ATTACHMENTS)
+    if value is None:
+        raise _bad(VALID_ATTACHMENTS, "is required for GC (a list of {containerID, ifname}); "
+                   "without it every attachment would look stale")
+    if not isinstance(value, list):
+        raise _bad(VALID_ATTACHMENTS, f"must be a list, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        cid = item.get("containerID") if isinstance(item, dict) else None
+        ifname = item.get("ifname") if isinstance(item, dict) else None
+        if not isinstance(cid, str) or not cid or not isinstance(ifname, str) or not ifname:
+            raise _bad(VALID_ATTACHMENTS, f"entry {i} must be {{\"containerID\": str, \"ifname\": str}}, "
+                       f"got {item!r}"[:300])
+        out.append((cid, ifname))
+    return out
+
+
 def _bad(key: str, why: str) -> CniError:
     return CniError(Code.INVALID_NETCONF, f"invalid network config: {key} {why}")
 

@@ -10,8 +10,9 @@ process can deadlock). No `ip`/`ovs-vsctl` subprocesses.
 TX checksum offload is turned off on both ends: through the userspace (netdev) datapath a veth
 that offloads checksums sends TCP segments with bad checksums; ping works, TCP does not (DESIGN §5).
 
-Every port carries external_ids naming its owner, so DEL and a later GC can find it without
-any local state. A failed plug removes what it created before raising.
+Every port carries external_ids naming its owner, and every host veth end an alias naming its
+attachment, so DEL and GC find them without any local state (a veth whose ADD died before the
+OVS port existed included). A failed plug removes what it created before raising.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ EXT_IFNAME = "netctl:ifname"
 EXT_POD = "netctl:pod"
 EXT_POD_UID = "netctl:pod-uid"
 EXT_OWNER = "netctl:owner"
+EXT_NETWORK = "netctl:cni-network"  # the CNI network (conflist `name`) the attachment belongs to
+OWNER_POD_PREFIX = "pod:"  # EXT_OWNER of ports the CNI plugs; node NICs carry "node"
+ALIAS_TAG = "netctl-cni"  # host veth ends carry the alias "netctl-cni <network> <container id> <ifname>"
 HOST_PREFIX = "nc"
 OVS_TIMEOUT_S = 10.0
 _TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
@@ -161,6 +165,15 @@ class OvsDb:
         except Exception as e:
             raise OvsError(f"searching OVSDB {self.remote}: {e}") from None
         return sorted(r["name"] for r in rows)
+
+    def attachments(self) -> list[tuple[str, dict[str, str]]]:
+        """(name, external_ids) of every interface that carries a container id."""
+        try:
+            rows = self.api.db_list("Interface", columns=["name", "external_ids"]).execute(check_error=True)
+        except Exception as e:
+            raise OvsError(f"listing interfaces in OVSDB {self.remote}: {e}") from None
+        return sorted((r["name"], dict(r["external_ids"])) for r in rows
+                      if EXT_CONTAINER_ID in r["external_ids"])
 
     def wait_ofport(self, name: str) -> int:
         """vswitchd's OpenFlow port for `name`; OvsError if it could not open the device."""
@@ -298,11 +311,13 @@ def plug_port(
     owner_tag: str | None = None,
     external_ids: Mapping[str, str] | None = None,
     routes: Iterable[tuple[str, str]] = (),
+    alias: str | None = None,
     timeout: float = OVS_TIMEOUT_S,
 ) -> PlugResult:
     """Create the veth, configure the target end (MAC, MTU, address, routes), attach the host end.
 
     `routes` are extra (destination CIDR, via) routes, e.g. the Service CIDR via the node address.
+    `alias` (see attachment_alias) marks the host end so GC can find it even without an OVS port.
     On any failure everything created so far is removed and the error re-raised.
     """
     iface = ipaddress.IPv4Interface(cidr)
@@ -329,6 +344,8 @@ def plug_port(
                 except NetlinkError as e:
                     raise _link_error(f"creating veth {host_ifname} <-> {ifname} in {target_netns}", e) from None
                 created = True
+                if alias:
+                    _set_alias(host, host_ifname, alias)
                 _configure_pod_end(pod, ifname, iface, gateway, routes)
                 _configure_host_end(host, host_ifname)
                 ovs.add_port(bridge, host_ifname, ids)
@@ -344,6 +361,31 @@ def plug_port(
             if pod is not None:
                 pod.close()
     return PlugResult(host_ifname, host_mac, ifname, mac, target_netns, mtu, ofport)
+
+
+def attachment_alias(network: str, container_id: str, ifname: str) -> str:
+    """The host end's alias; none of the three may contain blanks (netconf/spec validate them)."""
+    return f"{ALIAS_TAG} {network} {container_id} {ifname}"
+
+
+def parse_alias(alias: str | None) -> tuple[str, str, str] | None:
+    """(network, container id, ifname) from an alias we set, None for anything else."""
+    parts = alias.split(" ") if alias else []
+    if len(parts) != 4 or parts[0] != ALIAS_TAG or not all(parts[1:]):
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def _set_alias(host: Netns, name: str, alias: str) -> None:
+    try:
+        idx = host.index(name)
+        if idx is None:
+            raise LinkError(f"{name} vanished from {host.path}")
+        host.ipr.link("set", index=idx, ifalias=alias)
+    except LinkError:
+        raise
+    except (NetlinkError, OSError) as e:
+        raise _link_error(f"setting the alias of {name} in {host.path}", e) from None
 
 
 def _configure_pod_end(pod: Netns, ifname: str, iface: ipaddress.IPv4Interface, gateway: str | None,
@@ -497,3 +539,48 @@ def _check_links(ovs_netns: str, target_netns: str, ifname: str, host_ifname: st
             if ns.tx_checksum_on(name):
                 problems.append(f"{name} in {path} has TX checksum offload on")
     return problems
+
+
+def gc_attachments(
+    *,
+    ovsdb: str,
+    ovs_netns: str,
+    network: str,
+    valid: Iterable[tuple[str, str]],
+    timeout: float = OVS_TIMEOUT_S,
+) -> list[str]:
+    """Remove OVS ports and host veth ends of `network`'s attachments that are not in `valid`.
+
+    Only what this plugin created for `network` is considered: OVS interfaces whose external_ids
+    carry EXT_CONTAINER_ID, EXT_IFNAME, EXT_NETWORK == network and a pod owner, and veth ends in
+    `ovs_netns` whose alias is ours for `network`. Everything else (node NICs, other networks'
+    attachments, foreign links) is left alone. Returns the names removed.
+    """
+    keep = set(valid)
+    with OvsDb.connect(ovsdb, timeout) as ovs:
+        stale: set[str] = set()
+        for name, ext in ovs.attachments():
+            key = (ext.get(EXT_CONTAINER_ID, ""), ext.get(EXT_IFNAME, ""))
+            if (all(key) and ext.get(EXT_NETWORK) == network
+                    and ext.get(EXT_OWNER, "").startswith(OWNER_POD_PREFIX) and key not in keep):
+                stale.add(name)
+        try:
+            host: Netns | None = Netns(ovs_netns)
+        except FileNotFoundError:
+            host = None
+        except OSError as e:
+            raise LinkError(f"cannot open the OVS netns {ovs_netns}: {e.strerror or e}") from None
+        try:
+            if host is not None:
+                try:
+                    links = host.ipr.get_links()
+                except NetlinkError as e:
+                    raise _link_error(f"listing links in {ovs_netns}", e) from None
+                for link in links:
+                    mark = parse_alias(link.get_attr("IFLA_IFALIAS"))
+                    if mark is not None and mark[0] == network and (mark[1], mark[2]) not in keep:
+                        stale.add(link.get_attr("IFLA_IFNAME"))
+            return _unplug(ovs, host, stale)
+        finally:
+            if host is not None:
+                host.close()

@@ -35,6 +35,7 @@ class Code:
     DECODE_FAILURE = 6
     INVALID_NETCONF = 7
     TRY_AGAIN_LATER = 11
+    PLUGIN_NOT_AVAILABLE = 50  # STATUS: cannot service ADD now
     # ours
     TENANCY = 100  # pod/namespace/node tenants differ, or the pod is not bound to this node
     ANNOTATION_INVALID = 101  # the netctl.io/port annotation does not parse

@@ -192,12 +192,69 @@ def test_unsupported_version_is_code_1(version: str | None) -> None:
 
 
 @pytest.mark.parametrize("command", ["STATUS", "GC"])
-def test_status_and_gc_are_not_supported_yet(command: str) -> None:
+def test_status_and_gc_need_1_1(command: str) -> None:
     rc, out, _ = invoke(env_for(command), conf(cniVersion="1.0.0"))
-    assert_error(rc, out, Code.INCOMPATIBLE_VERSION)
-    rc, out, _ = invoke(env_for(command), conf(cniVersion="1.1.0"))
-    err = assert_error(rc, out, Code.INVALID_ENV)
-    assert "not supported yet" in err["msg"] and err["cniVersion"] == "1.1.0"
+    assert "1.1.0" in assert_error(rc, out, Code.INCOMPATIBLE_VERSION)["msg"]
+
+
+def test_status_without_ovs_is_code_50_saying_what_is_missing() -> None:
+    rc, out, _ = invoke({"CNI_COMMAND": "STATUS"}, conf(cniVersion="1.1.0"))
+    err = assert_error(rc, out, Code.PLUGIN_NOT_AVAILABLE)
+    assert err["code"] == 50 and "Open vSwitch is not available" in err["msg"]
+    assert f"{NOWHERE}/db.sock" in err["details"] and err["cniVersion"] == "1.1.0"
+
+
+@pytest.mark.parametrize(("attachments", "needle"), [
+    (None, "is required for GC"),
+    ({"containerID": "a", "ifname": "eth0"}, "must be a list"),
+    ([{"containerID": "a"}], "entry 0"),
+    ([{"containerID": "a", "ifname": "eth0"}, "x"], "entry 1"),
+    ([{"containerID": 7, "ifname": "eth0"}], "entry 0"),
+])
+def test_gc_rejects_malformed_valid_attachments(attachments: Any, needle: str) -> None:
+    rc, out, _ = invoke({"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"},
+                        conf(cniVersion="1.1.0", **{"cni.dev/valid-attachments": attachments}))
+    err = assert_error(rc, out, Code.INVALID_NETCONF)
+    assert "cni.dev/valid-attachments" in err["msg"] and needle in err["msg"], err
+
+
+def test_gc_without_ovs_is_try_again_later() -> None:
+    rc, out, _ = invoke({"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"}, conf(
+        cniVersion="1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]}))
+    assert "Open vSwitch is unavailable" in assert_error(rc, out, Code.TRY_AGAIN_LATER)["msg"]
+
+
+def test_gc_needs_cni_path() -> None:
+    rc, out, _ = invoke({"CNI_COMMAND": "GC"}, conf(cniVersion="1.1.0", **{"cni.dev/valid-attachments": []}))
+    assert "CNI_PATH" in assert_error(rc, out, Code.INVALID_ENV)["msg"]
+
+
+def test_chained_after_another_plugin_passes_prev_result_through() -> None:
+    prev = Result((Interface("lo", "00:00:00:00:00:00", "/run/netns/x"),),
+                  (IPConfig("127.0.0.1/8", 0),), (Route("10.9.0.0/16", "127.0.0.2"),), DNS(("1.1.1.1",)))
+    ours = Result((Interface("nc0", "aa:bb:cc:dd:ee:01"), Interface("eth0", "0a:58:0a:01:00:05", "/run/netns/x")),
+                  (IPConfig("10.1.0.5/24", 1, "10.1.0.1"),), (Route("0.0.0.0/0", "10.1.0.1"),))
+    merged = cni_main.chain_after(prev, ours)
+    assert [i.name for i in merged.interfaces] == ["lo", "nc0", "eth0"]
+    assert merged.ips == (IPConfig("127.0.0.1/8", 0), IPConfig("10.1.0.5/24", 2, "10.1.0.1"))
+    assert merged.routes == (Route("10.9.0.0/16", "127.0.0.2"), Route("0.0.0.0/0", "10.1.0.1"))
+    assert merged.dns == DNS(("1.1.1.1",))
+    # and it renders as a valid prevResult for the next plugin
+    assert Result.from_dict(merged.to_dict("1.0.0")) == merged
+
+
+def test_add_rejects_a_malformed_prev_result_before_any_lookup() -> None:
+    rc, out, _ = invoke(env_for("ADD"), conf(prevResult={"interfaces": "nope"}))
+    assert "prevResult" in assert_error(rc, out, Code.INVALID_NETCONF)["msg"]
+
+
+def test_attachment_alias_round_trips() -> None:
+    from cni import ovs_binding as ob
+
+    alias = ob.attachment_alias("netctl", "abc123", "eth0")
+    assert ob.parse_alias(alias) == ("netctl", "abc123", "eth0")
+    for foreign in (None, "", "uplink to the ToR", "netctl-cni a b", "netctl-cni a  c"):
+        assert ob.parse_alias(foreign) is None
 
 
 # ---- network config (7) ----------------------------------------------------------------------------
@@ -571,7 +628,11 @@ def test_parse_env_result() -> None:
 def test_example_conflist_is_valid() -> None:
     """deploy/cni's example parses as the runtime hands it to us (name and cniVersion injected)."""
     doc = json.loads((Path(__file__).parents[1] / "deploy" / "cni" / "10-netctl.conflist.example").read_text())
-    assert doc["cniVersion"] == "1.0.0"  # not 1.1.0 until STATUS and GC are implemented
+    # cniVersion stays 1.0.0 for runtimes whose libcni predates 1.1 (containerd 1.6); newer ones pick
+    # the highest of cniVersions they support, which is 1.1.0 (STATUS, GC).
+    assert doc["cniVersion"] == "1.0.0" and doc["cniVersions"] == ["1.0.0", "1.1.0"]
+    assert set(doc["cniVersions"]) <= set(SUPPORTED_VERSIONS)
     (plugin,) = doc["plugins"]
-    nc = NetConf.from_dict({**plugin, "name": doc["name"], "cniVersion": doc["cniVersion"]}, "1.0.0", {})
-    assert nc.type == "netctl-cni" and nc.kubeconfig and nc.ovs_netns == INIT_NETNS
+    for version in doc["cniVersions"]:
+        nc = NetConf.from_dict({**plugin, "name": doc["name"], "cniVersion": version}, version, {})
+        assert nc.type == "netctl-cni" and nc.kubeconfig and nc.ovs_netns == INIT_NETNS
