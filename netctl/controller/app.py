@@ -1,31 +1,43 @@
 """Wiring of the controller: informers -> prioritised queue -> PortController, under leader election.
 
-Event handlers only enqueue keys (``pod:<ns>/<name>``, ``tenant:<name>``, ``sync``); all work
-happens in queue workers, one key at a time, so a periodic SYNC at the lowest priority never
-delays a new pod's network.
+Event handlers only enqueue keys (``pod:<ns>/<name>``, ``tenant:<name>``, ``rbac:<namespace>``,
+``sync``, ``rbac-sync``); all work happens in queue workers, one key at a time, so a periodic SYNC
+at the lowest priority never delays a new pod's network.
+
+With an ``rbac_writer``, the controller also keeps each tenant's kproxy credentials in step
+(``tenant_rbac``): ``tenant:<name>`` applies or deletes the tenant's ServiceAccount and
+ClusterRoleBinding, ``rbac:<namespace>`` the namespace's RoleBinding, and every SYNC queues an
+``rbac-sync`` (a key of its own, so an RBAC failure never holds up or retries the port resync).
+RBAC keys are never queued at ADD: a new pod's port comes first.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
 
 from netctl.controller import model
 from netctl.controller.ports import Caches, PortController, TenantNotReady
+from netctl.controller.tenant_rbac import RbacWriter, TenantRbac
 from netctl.iaas.base import IaaS
 from netctl.kube.informer import ApiListWatch, Informer
 from netctl.kube.workqueue import Priority, WorkQueue
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PORT_OPS = Counter("netctl_port_operations_total", "IaaS port operations by kind and result", ["op", "result"])
 RESYNC_SECONDS = Histogram("netctl_resync_duration_seconds", "Duration of a full pods/ports/annotations resync")
 
 SYNC_KEY = "sync"
+RBAC_SYNC_KEY = "rbac-sync"
+RBAC_OPS = Counter("netctl_kproxy_rbac_syncs_total", "kproxy credential reconciliations by kind and result",
+                   ["kind", "result"])
 
 
 @dataclass
@@ -36,7 +48,11 @@ class ControllerOptions:
 
 
 class Controller:
-    def __init__(self, api: Any, iaas: IaaS, writer: Any, recorder: Any, opts: ControllerOptions) -> None:
+    def __init__(
+        self, api: Any, iaas: IaaS, writer: Any, recorder: Any, opts: ControllerOptions,
+        rbac_writer: RbacWriter | None = None,
+    ) -> None:
+        """``rbac_writer``: manage kproxy's per-tenant credentials through it (None: leave them alone)."""
         self.opts = opts
         self.pods = Informer(ApiListWatch(api, plural="pods"), name="pods")
         self.namespaces = Informer(ApiListWatch(api, plural="namespaces"), name="namespaces")
@@ -51,6 +67,7 @@ class Controller:
             iaas, writer, recorder, default_mtu=opts.default_mtu,
             on_metric=lambda op, result: PORT_OPS.labels(op, result).inc(),
         )
+        self.rbac = TenantRbac(self.namespaces, self.tenants, rbac_writer) if rbac_writer is not None else None
         self.queue = WorkQueue("controller")
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
@@ -70,7 +87,7 @@ class Controller:
         self.namespaces.add_handler(
             on_add=self._namespace_changed,
             on_update=lambda old, new: self._namespace_changed(new, old),
-            on_delete=self._namespace_changed,
+            on_delete=lambda o: self._namespace_changed(o, rbac_priority=Priority.DELETE),
         )
         self.nodes.add_handler(on_update=self._node_changed, on_add=lambda o: None)
         self.tenants.add_handler(
@@ -82,10 +99,15 @@ class Controller:
             on_delete=lambda o: q.add("tenant:" + model.key_of(o), Priority.DELETE),
         )
 
-    def _namespace_changed(self, ns: model.Obj, old: model.Obj | None = None) -> None:
+    def _namespace_changed(
+        self, ns: model.Obj, old: model.Obj | None = None, rbac_priority: Priority = Priority.UPDATE
+    ) -> None:
         if old is not None and model.tenant_label(old) == model.tenant_label(ns) and old is not ns:
             return
         name = model.key_of(ns)
+        # kproxy's RoleBinding: a namespace added or deleted with a tenant label, or relabelled.
+        if self.rbac is not None and old is not ns and (old is not None or model.tenant_label(ns)):
+            self.queue.add("rbac:" + name, rbac_priority)
         for pod in self.pods.by_index("namespace", name):
             self.queue.add("pod:" + model.key_of(pod), Priority.UPDATE)
 
@@ -101,11 +123,32 @@ class Controller:
         if kind == "pod":
             self.ports.sync_pod(name)  # TenantNotReady is retried with back-off; an Event says why
         elif kind == "tenant":
+            failure: Exception | None = None
             try:
                 self.ports.sync_tenant(name)
             except TenantNotReady:
-                # Deleted tenants have nothing to retry once their network is gone.
-                return
+                pass  # deleted tenants have nothing to retry once their network is gone
+            except Exception as exc:  # still do the credentials; then retry both (idempotent)
+                failure = exc
+            if self.rbac is not None:
+                self._rbac("tenant", lambda rbac: rbac.sync_tenant(
+                    name, lambda ns: self.queue.add("rbac:" + ns, min(priority, Priority.UPDATE)),
+                    fan_out=priority != Priority.SYNC,
+                ))
+            if failure is not None:
+                raise failure
+        elif kind == "rbac":
+            if self.rbac is not None:
+                self._rbac("namespace", lambda rbac: rbac.sync_namespace(name))
+        elif key == RBAC_SYNC_KEY:
+            if self.rbac is not None:
+                rplan = self._rbac("resync", lambda rbac: rbac.resync(
+                    lambda ns: self.queue.add("rbac:" + ns, Priority.SYNC),
+                    lambda t: self.queue.add("tenant:" + t, Priority.SYNC),
+                ))
+                if not rplan.empty:
+                    log.info("rbac resync: %d namespaces out of step; %d deleted tenants left bindings",
+                             len(rplan.namespaces_to_sync), len(rplan.stale_tenants))
         elif key == SYNC_KEY:
             with RESYNC_SECONDS.time():
                 plan = self.ports.resync(
@@ -117,8 +160,20 @@ class Controller:
                     "resync: %d orphaned ports deleted; %d pods to repair",
                     len(plan.orphan_ports), len(plan.pods_to_sync),
                 )
+            if self.rbac is not None:
+                self.queue.add(RBAC_SYNC_KEY, Priority.SYNC)
         else:
             log.error("unknown queue key %r dropped", key)
+
+    def _rbac(self, kind: str, work: Callable[[TenantRbac], T]) -> T:
+        assert self.rbac is not None
+        try:
+            result = work(self.rbac)
+        except Exception:
+            RBAC_OPS.labels(kind, "error").inc()
+            raise
+        RBAC_OPS.labels(kind, "ok").inc()
+        return result
 
     # -- lifecycle -------------------------------------------------------------------------------
 

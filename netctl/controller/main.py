@@ -25,7 +25,8 @@ log = logging.getLogger("netctl.controller")
 class ControllerConfig(config.CommonConfig):
     """netctl controller: gives every pod in a tenant namespace an IaaS port on its tenant's network
     and writes it to the pod annotation netctl.io/port for the CNI; frees ports of deleted pods;
-    a periodic resync removes orphans and repairs what is missing."""
+    keeps each tenant's kproxy credentials in step with its namespaces; a periodic resync removes
+    orphans and repairs what is missing."""
 
     backend: str = dataclasses.field(default="ovn", metadata={"help": "IaaS backend: ovn (openstack later)"})
     ovn_nb: str = dataclasses.field(
@@ -40,6 +41,12 @@ class ControllerConfig(config.CommonConfig):
     default_mtu: int = dataclasses.field(default=1400, metadata={"help": "pod MTU when the Tenant sets none"})
     resync_period_s: float = dataclasses.field(
         default=60.0, metadata={"help": "seconds between full pods/ports/annotations resyncs"}
+    )
+    manage_kproxy_rbac: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "keep each Tenant's kproxy credentials in step: ServiceAccount "
+                  "kube-system/netctl-kproxy-<tenant>, its ClusterRoleBinding, and a RoleBinding in every "
+                  "namespace labelled with the tenant (needs the RBAC in deploy/rbac/controller.yaml)"},
     )
     identity: str = dataclasses.field(
         default="", metadata={"help": "leader-election identity (default: hostname_pid)"}
@@ -83,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     api = new_api_client(cfg.kubeconfig, pool_maxsize=cfg.workers + 8)
     iaas = _iaas(cfg)
     recorder = EventRecorder(ApiEventSink(api), component="netctl-controller")
-    ctl = Controller(api, iaas, KubeWriter(api), recorder,
-                     ControllerOptions(cfg.workers, cfg.resync_period_s, cfg.default_mtu))
+    writer = KubeWriter(api)
+    ctl = Controller(api, iaas, writer, recorder,
+                     ControllerOptions(cfg.workers, cfg.resync_period_s, cfg.default_mtu),
+                     rbac_writer=writer if cfg.manage_kproxy_rbac else None)
+    log.info("kproxy credentials: %s", "managed" if cfg.manage_kproxy_rbac else "not managed (--no-manage-kproxy-rbac)")
     serving = Serving(cfg.metrics_address, cfg.metrics_port)
     serving.add_health_check("informers", ctl.healthy)
     serving.start()
