@@ -1,6 +1,12 @@
 """CNI ADD/DEL wall time: netctl-cni (ovs mode) against the reference `bridge` + `host-local`, same run.
 
-Usage (root): .venv/bin/python -m bench.cni_add [--pods 200]
+Usage (root): .venv/bin/python -m bench.cni_add [--pods 200] [--agent [--launcher]]
+
+With --agent, "ours" is the deployed mode: the thin executable forwarding every verb to a node
+agent (`python -m cni.agent`, per-run socket, warm OVSDB/netlink handles, pod watch) started for
+the run; without it, the executable does all the work in its own process. --launcher execs ours
+through a per-run two-line launcher running the same interpreter with `-IS` (no site-packages, no
+editable-install finder: the forwarding path needs neither) instead of the console script.
 
 Both plugins are exec'd exactly as a runtime does (CNI_* environment + the config on stdin, each
 process entered into its node netns between fork and exec, identically for both), one pod at a
@@ -33,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from netctl.lab.ovs import OvsStack
-from netns_tests.cni_fixtures import netns_add, netns_del, pod_api, port_annotation
+from netns_tests.cni_fixtures import AgentProc, netns_add, netns_del, pod_api, port_annotation
 
 OURS = str(Path(sys.executable).parent / "netctl-cni")
+REPO = Path(__file__).resolve().parents[1]
 REF_DIR = "/usr/lib/cni"
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -105,6 +112,8 @@ def netns_fd(path: str) -> Iterator[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pods", type=int, default=200)
+    ap.add_argument("--agent", action="store_true", help="ours through the node agent (agentSocket)")
+    ap.add_argument("--launcher", action="store_true", help="exec ours through an `python -IS` launcher")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("cni_add bench needs root (netns, OVS)", file=sys.stderr)
@@ -115,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     ovs = OvsStack(base / "ovs", netns=hv, timeout=60)
     pods_ns: list[str] = []
     ours_added: list[tuple[dict[str, Any], dict[str, str]]] = []
+    agent: AgentProc | None = None
+    ours = OURS
+    if args.launcher:
+        ours = str(base / "netctl-cni")
+        Path(ours).write_text(f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                              "from cni.main import main\nmain()\n")
+        os.chmod(ours, 0o755)
     try:
         ovs.start()
         ovs.add_bridge("br-int")
@@ -130,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                          "kubeconfig": api.kubeconfig(), "nodeName": api.node, "ovsdb": ovs.db_connection,
                          "bridge": "br-int", "ovsNetns": f"/run/netns/{hv}", "logFile": str(log),
                          "annotationTimeoutSeconds": 10}
+            if args.agent:
+                (base / "agent").mkdir()
+                agent = AgentProc(base / "agent", api.node, api.kubeconfig(), ovs.db_connection, f"/run/netns/{hv}")
+                agent.start()
+                ours_conf["agentSocket"] = agent.socket
             ref_conf = {"cniVersion": "1.0.0", "name": f"{prefix}-ref", "type": "bridge", "bridge": f"{prefix}br",
                         "isGateway": True, "ipMasq": False,
                         "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.86.0.0/16"}]],
@@ -147,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "CNI_ARGS": api.cni_args(name, cid)})
                     o_env, r_env = envs
                     ours_added.append((ours_conf, o_env))
-                    dt, rc, out = invoke(OURS, "ADD", ours_conf, o_env, root_fd, str(Path(OURS).parent))
+                    dt, rc, out = invoke(ours, "ADD", ours_conf, o_env, root_fd, str(Path(OURS).parent))
                     if rc != 0:
                         raise RuntimeError(f"ours ADD failed for {name}: {out}")
                     times["ours ADD"].append(dt)
@@ -157,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     times["ref ADD"].append(dt)
                     sandboxes.append((o_env, r_env))
                 for o_env, r_env in sandboxes:
-                    dt, rc, out = invoke(OURS, "DEL", ours_conf, o_env, root_fd, str(Path(OURS).parent))
+                    dt, rc, out = invoke(ours, "DEL", ours_conf, o_env, root_fd, str(Path(OURS).parent))
                     if rc != 0:
                         raise RuntimeError(f"ours DEL failed: {out}")
                     times["ours DEL"].append(dt)
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise RuntimeError(f"reference DEL failed: {out}")
                     times["ref DEL"].append(dt)
                 ours_added.clear()
-                version_t = [invoke(OURS, "VERSION", {"cniVersion": "1.0.0"}, {}, root_fd, "")[0] for _ in range(10)]
+                version_t = [invoke(ours, "VERSION", {"cniVersion": "1.0.0"}, {}, root_fd, "")[0] for _ in range(10)]
                 ref_version_t = [invoke(f"{REF_DIR}/bridge", "VERSION", {"cniVersion": "1.0.0"}, {}, ref_fd, "")[0]
                                  for _ in range(10)]
             breakdown = json.loads(subprocess.run(
@@ -174,12 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                  api.node], capture_output=True, text=True, check=True, timeout=120).stdout)
             in_verb = {v: [float(m) for m in re.findall(rf"{v} .*ok in ([0-9.]+)s", log.read_text())]
                        for v in ("ADD", "DEL")}
+        print("ours = netctl-cni " + ("forwarding to the node agent (agentSocket)" if args.agent
+                                      else "doing the work in its own process (no agentSocket)")
+              + (", exec'd through a `python -IS` launcher" if args.launcher else ", the console script"))
         report(args.pods, times, version_t, ref_version_t, breakdown, in_verb)
         return 0
     finally:
         for conf, env in ours_added:  # only after a failure
             with contextlib.suppress(Exception), netns_fd("/proc/self/ns/net") as fd:
-                invoke(OURS, "DEL", conf, env, fd, "")
+                invoke(ours, "DEL", conf, env, fd, "")
+        if agent is not None:
+            agent.stop()
         for ns in pods_ns:
             netns_del(ns)
         netns_del(ref)
@@ -203,6 +229,7 @@ def report(pods: int, times: dict[str, list[float]], version_t: list[float], ref
     for verb, xs in in_verb.items():
         if xs:
             print(f"  inside the {verb} verb (our log, after start-up) p50 {ms(statistics.median(xs))}")
+    print("  the in-process path's costs (what the agent keeps warm):")
     for k, v in breakdown.items():
         print(f"  {k:45s} {ms(v)}")
 

@@ -1,4 +1,4 @@
-"""A minimal, GET-only Kubernetes API client on the standard library.
+"""A minimal, GET-only Kubernetes API client on the standard library (GET, list and watch).
 
 The CNI executable starts once per pod and the `kubernetes` package alone takes longer to import
 than a whole ADD may take (DESIGN §5), so this reads the kubeconfig itself (PyYAML) and speaks
@@ -7,7 +7,11 @@ read-only (deploy/rbac/cni.yaml).
 
 Errors are typed so the caller can map them to CNI codes: `ApiUnreachable` (connection failed,
 timeout, 429/5xx: try again later), `NotFound` (404), `ApiError` (refused or unexpected, e.g.
-401/403, bad TLS), `KubeconfigError` (the file is unusable).
+401/403, bad TLS), `KubeconfigError` (the file is unusable), `Gone` (410: a watch's
+resourceVersion is too old; list again).
+
+The node agent also uses `watch()`: a streaming GET with `watch=1` on a connection of its own,
+yielding one decoded event per line until the server ends the stream.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import ssl
 import urllib.parse
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,10 @@ class ApiUnreachable(KubeError):
 
 class NotFound(KubeError):
     """404: the object does not exist."""
+
+
+class Gone(KubeError):
+    """410: the resourceVersion a watch started from is too old; list again."""
 
 
 class ApiError(KubeError):
@@ -230,13 +239,21 @@ class KubeClient:
     def from_kubeconfig(cls, path: str, timeout: float = DEFAULT_TIMEOUT_S) -> KubeClient:
         return cls(load_kubeconfig(path), timeout)
 
+    def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._ctx is not None:
+            return _HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ctx,
+                                    server_name=self.access.tls_server_name)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "netctl-cni"}
+        if self.access.token:
+            headers["Authorization"] = f"Bearer {self.access.token}"
+        return headers
+
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._conn is None:
-            if self._ctx is not None:
-                self._conn = _HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ctx,
-                                              server_name=self.access.tls_server_name)
-            else:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            self._conn = self._new_connection(timeout)
         self._conn.timeout = timeout
         if self._conn.sock is not None:
             self._conn.sock.settimeout(timeout)
@@ -253,15 +270,14 @@ class KubeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def get(self, path: str, timeout: float | None = None) -> dict[str, Any]:
+    def get(self, path: str, timeout: float | None = None, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """GET `path` (e.g. /api/v1/nodes/n1) and return the decoded JSON object."""
-        headers = {"Accept": "application/json", "User-Agent": "netctl-cni"}
-        if self.access.token:
-            headers["Authorization"] = f"Bearer {self.access.token}"
+        if params:
+            path = f"{path}?{urllib.parse.urlencode(params)}"
         where = f"{self.access.server}{path}"
         conn = self._connection(self.timeout if timeout is None else max(0.1, timeout))
         try:
-            conn.request("GET", self._prefix + path, headers=headers)
+            conn.request("GET", self._prefix + path, headers=self._headers())
             resp = conn.getresponse()
             body = resp.read()
         except ssl.SSLCertVerificationError as e:
@@ -278,12 +294,55 @@ class KubeClient:
             if not isinstance(data, dict):
                 raise ApiError(200, f"GET {where}: response is not a JSON object")
             return data
-        reason = _status_message(body) or resp.reason
-        if resp.status == 404:
-            raise NotFound(f"GET {where}: not found ({reason})")
-        if resp.status == 429 or resp.status >= 500:
-            raise ApiUnreachable(f"GET {where}: HTTP {resp.status} {reason}")
-        raise ApiError(resp.status, f"GET {where}: HTTP {resp.status} {reason}")
+        raise _status_error(where, resp.status, _status_message(body) or resp.reason)
+
+    def watch(self, path: str, params: Mapping[str, str], timeout_s: int = 300) -> Iterator[dict[str, Any]]:
+        """Watch events ({"type", "object"}) of the collection at `path` from `params["resourceVersion"]`.
+
+        Runs on a connection of its own (GETs on this client go on meanwhile) that the server
+        ends after `timeout_s`; the generator then returns and the caller watches again from the
+        last resourceVersion it saw. A too-old resourceVersion raises Gone (HTTP 410 or an ERROR
+        event with code 410); a silent connection raises ApiUnreachable after `timeout_s` + 30 s.
+        """
+        query = {**params, "watch": "1", "timeoutSeconds": str(timeout_s), "allowWatchBookmarks": "true"}
+        full = f"{path}?{urllib.parse.urlencode(query)}"
+        where = f"{self.access.server}{full}"
+        conn = self._new_connection(float(timeout_s + 30))
+        try:
+            try:
+                conn.request("GET", self._prefix + full, headers=self._headers())
+                resp = conn.getresponse()
+            except ssl.SSLCertVerificationError as e:
+                raise ApiError(0, f"TLS verification of {self.access.server} failed: {e.verify_message}") from None
+            except (OSError, http.client.HTTPException) as e:
+                raise ApiUnreachable(f"watch {where}: {e or type(e).__name__}") from None
+            if resp.status != 200:
+                raise _status_error(where, resp.status, _status_message(resp.read()) or resp.reason)
+            while True:
+                try:
+                    line = resp.readline()
+                except (OSError, http.client.HTTPException) as e:
+                    raise ApiUnreachable(f"watch {where} broke: {e or type(e).__name__}") from None
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    raise ApiError(200, f"watch {where}: an event is not JSON") from None
+                if not isinstance(event, dict):
+                    raise ApiError(200, f"watch {where}: an event is not a JSON object")
+                obj = event.get("object")
+                if event.get("type") == "ERROR":
+                    code = obj.get("code") if isinstance(obj, dict) else None
+                    msg = obj.get("message") if isinstance(obj, dict) else None
+                    if code == 410:
+                        raise Gone(f"watch {where}: {msg or 'resourceVersion too old'}")
+                    raise ApiError(int(code) if isinstance(code, int) else 0, f"watch {where}: {msg or event}")
+                yield event
+        finally:
+            conn.close()
 
     def get_pod(self, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any]:
         return self.get(f"/api/v1/namespaces/{_q(namespace)}/pods/{_q(name)}", timeout)
@@ -293,6 +352,16 @@ class KubeClient:
 
     def get_namespace(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         return self.get(f"/api/v1/namespaces/{_q(name)}", timeout)
+
+
+def _status_error(where: str, status: int, reason: str) -> KubeError:
+    if status == 404:
+        return NotFound(f"GET {where}: not found ({reason})")
+    if status == 410:
+        return Gone(f"GET {where}: {reason}")
+    if status == 429 or status >= 500:
+        return ApiUnreachable(f"GET {where}: HTTP {status} {reason}")
+    return ApiError(status, f"GET {where}: HTTP {status} {reason}")
 
 
 def _q(segment: str) -> str:

@@ -1,108 +1,31 @@
-"""`netctl-cni`: the CNI executable (ovs mode).
+"""`netctl-cni`: the CNI executable's entry point (console script `netctl-cni = cni.main:main`).
 
 The runtime execs us once per verb with CNI_* in the environment and the network configuration
-on stdin. stdout carries exactly one JSON document (the ADD result, the VERSION answer or the
-spec's error object) and nothing else: library chatter is redirected to the log, and any
-unexpected exception becomes error 999 with the traceback in the log, never on stdout.
+on stdin; stdout carries exactly one JSON document and nothing else.
 
-Only VERSION and STATUS stay on the stdlib (STATUS probes OVSDB with one raw JSON-RPC call);
-ADD/DEL/CHECK/GC import the Kubernetes client (ADD only), pyroute2 and ovsdbapp when they run
-(DESIGN §5: start-up time is pod start time).
+Two ways to run a verb:
+- the config has `agentSocket` (the normal case on a node): ADD/DEL/CHECK/STATUS/GC are handed to
+  the node agent (`python -m cni.agent`, see cni/agent.py) over that unix socket and its answer is
+  printed. This path imports only the standard library (cni.agent_protocol: os, socket, json) —
+  start-up time is pod start time (DESIGN §5). An agent that is not there is code 11 (STATUS: 50)
+  naming the socket, within the timeout, never a hang.
+- no `agentSocket`, VERSION, or a config the fast path cannot read: the verb runs in this process
+  (cni.plugin), which also produces every config error with its proper code.
+
+The forwarding path needs neither site-packages nor the editable-install finder, so the
+executable may be a launcher running the interpreter with `-I -S` (see bench/cni_add.py
+--launcher); site-packages are then added only when a verb runs in-process.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
-from collections.abc import Callable, Mapping
-from typing import IO, TYPE_CHECKING, Any
 
-from cni.netconf import NetConf
-from cni.spec import (
-    LATEST_VERSION,
-    CniError,
-    Code,
-    Interface,
-    Invocation,
-    IPConfig,
-    Result,
-    Route,
-    dumps,
-    negotiate_version,
-    parse_env,
-    parse_stdin,
-    version_at_least,
-    version_result,
-)
-
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms on the hot path
 if TYPE_CHECKING:
-    from cni.kubeapi import KubeClient
-    from netctl.annotations import PortAnnotation
-
-POLL_INTERVAL_S = 0.1
-
-
-class Log:
-    """Our log lines go to the configured logFile (append), else stderr; never to stdout."""
-
-    def __init__(self) -> None:
-        self.path: str | None = None
-        self.context = ""
-
-    def use_file(self, path: str | None) -> None:
-        if not path:
-            return
-        try:
-            with open(path, "a"):
-                pass
-        except OSError as e:
-            self.write("WARN", f"cannot write logFile {path} ({e.strerror}); logging to stderr")
-            return
-        self.path = path
-
-    def write(self, level: str, msg: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        line = f"{stamp}Z {level} pid={os.getpid()} {self.context}{msg}\n"
-        try:
-            if self.path:
-                with open(self.path, "a") as f:
-                    f.write(line)
-            else:
-                sys.stderr.write(line)
-        except OSError:
-            pass  # logging must never turn a result into a failure
-
-    def info(self, msg: str) -> None:
-        self.write("INFO", msg)
-
-    def error(self, msg: str) -> None:
-        self.write("ERROR", msg)
-
-    def route_library_logs(self) -> None:
-        """Send warnings of ovsdbapp/ovs/pyroute2 (stdlib logging) to the same place.
-
-        Only those libraries' loggers are touched (not the root logger), so calling run()
-        in-process (tests) leaves the host program's logging alone.
-        """
-        import logging
-
-        for name in _LIBRARY_LOGGERS:
-            logger = logging.getLogger(name)
-            for old in [h for h in logger.handlers if getattr(h, "_netctl_cni", False)]:
-                logger.removeHandler(old)
-                old.close()
-            handler: logging.Handler = (logging.FileHandler(self.path) if self.path
-                                        else logging.StreamHandler(sys.stderr))
-            handler._netctl_cni = True  # type: ignore[attr-defined]
-            handler.setFormatter(logging.Formatter(
-                f"%(asctime)s %(levelname)s pid=%(process)d {self.context}%(name)s: %(message)s"))
-            handler.setLevel(logging.WARNING)
-            logger.addHandler(handler)
-            logger.propagate = False
-
-
-_LIBRARY_LOGGERS = ("ovsdbapp", "ovs", "pyroute2")
+    from collections.abc import Mapping
+    from typing import IO
 
 
 def main() -> None:
@@ -112,363 +35,30 @@ def main() -> None:
 
 def run(env: Mapping[str, str], stdin: IO[bytes] | bytes, out: IO[str]) -> int:
     """One invocation: returns the exit code, writes exactly one JSON document to `out`."""
-    log = Log()
-    version = LATEST_VERSION
-    real_stdout, sys.stdout = sys.stdout, sys.stderr  # nothing but our JSON may reach stdout
-    try:
-        inv = parse_env(env)
-        log.context = f"{inv.command} " + (f"cid={inv.container_id[:12]} " if inv.container_id else "")
-        data = stdin if isinstance(stdin, bytes) else _read(stdin)
-        if inv.command == "VERSION":
-            out.write(dumps(version_result(_requested_version(data))))
-            return 0
-        conf_dict = parse_stdin(data)
-        version = negotiate_version(conf_dict)
-        if inv.command in ("STATUS", "GC"):
-            _needs_1_1(inv.command, version)
-        conf = NetConf.from_dict(conf_dict, version, env)
-        log.use_file(conf.log_file)
-        if inv.args.pod_namespace and inv.args.pod_name:
-            log.context += f"pod={inv.args.pod_namespace}/{inv.args.pod_name} "
-        log.route_library_logs()
-        started = time.monotonic()
-        result = VERBS[inv.command](inv, conf, log)
-        log.info(f"ok in {time.monotonic() - started:.3f}s")
-        if result is not None:
-            out.write(dumps(result.to_dict(version)))
-        return 0
-    except CniError as e:
-        log.error(str(e))
-        out.write(dumps(e.to_dict(version)))
-        return 1
-    except Exception as e:
-        import traceback
+    from cni import agent_protocol
 
-        log.error("internal error:\n" + traceback.format_exc())
-        err = CniError(Code.INTERNAL, "internal error in netctl-cni", f"{type(e).__name__}: {e} (traceback in the log)")
-        out.write(dumps(err.to_dict(version)))
-        return 1
-    finally:
-        sys.stdout = real_stdout
-        out.flush()
-
-
-def _read(stdin: IO[bytes]) -> bytes:
-    try:
-        return stdin.read()
-    except OSError as e:
-        raise CniError(Code.IO_FAILURE, "cannot read the network configuration from stdin", str(e)) from None
-
-
-def _requested_version(data: bytes) -> str | None:
-    """VERSION is a probe: answer it whatever stdin holds, in the asked version if we speak it."""
-    try:
-        conf = parse_stdin(data)
-    except CniError:
-        return None
-    v = conf.get("cniVersion")
-    return v if isinstance(v, str) else None
-
-
-def _needs_1_1(command: str, version: str) -> None:
-    if not version_at_least(version, "1.1.0"):
-        raise CniError(Code.INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0 or later",
-                       f"config cniVersion is {version}")
-
-
-# ---- ADD ---------------------------------------------------------------------------------------------
-
-
-def cmd_add(inv: Invocation, conf: NetConf, log: Log) -> Result:
-    kubeconfig = conf.require_kubeconfig()
-    ns, name = inv.args.pod_namespace, inv.args.pod_name
-    if not ns or not name:
-        raise CniError(Code.INVALID_ENV, "ADD needs K8S_POD_NAMESPACE and K8S_POD_NAME in CNI_ARGS",
-                       "netctl-cni networks Kubernetes pods only")
-    if not os.path.exists(inv.netns):
-        raise CniError(Code.INVALID_ENV, f"CNI_NETNS {inv.netns} does not exist")
-    prev = Result.from_dict(conf.prev_result) if conf.prev_result is not None else None
-    deadline = time.monotonic() + conf.annotation_timeout_s
-    from cni import kubeapi
-
-    try:
-        client = kubeapi.KubeClient.from_kubeconfig(kubeconfig)
-    except kubeapi.KubeconfigError as e:
-        raise CniError(Code.INVALID_NETCONF, f"invalid network config: kubeconfig: {e}") from None
-    with client:
-        port, uid = resolve_port(client, conf, ns, name, inv.args.pod_uid, deadline, log)
-    ours = plug(inv, conf, port, ns, name, uid, log)
-    return ours if prev is None else chain_after(prev, ours)
-
-
-def chain_after(prev: Result, ours: Result) -> Result:
-    """Not first in a chain: pass prevResult through with our interface, addresses and routes added.
-
-    Our `ips[].interface` indices are shifted past the interfaces already listed; the DNS of
-    prevResult is kept unless we configure one.
-    """
-    shift = len(prev.interfaces)
-    ips = tuple(IPConfig(ip.address, None if ip.interface is None else ip.interface + shift, ip.gateway)
-                for ip in ours.ips)
-    dns = ours.dns if ours.dns.to_dict() else prev.dns
-    return Result(prev.interfaces + ours.interfaces, prev.ips + ips, prev.routes + ours.routes, dns)
-
-
-def _api_call(fn: Callable[[float], dict[str, Any]], what: str, deadline: float) -> dict[str, Any]:
-    """One GET, retried while the API server is unreachable until `deadline` (then code 11)."""
-    from cni import kubeapi
-
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            return fn(min(kubeapi.DEFAULT_TIMEOUT_S, max(remaining, 0.5)))
-        except kubeapi.ApiUnreachable as e:
-            if time.monotonic() + POLL_INTERVAL_S >= deadline:
-                raise CniError(Code.TRY_AGAIN_LATER, f"cannot read {what} from the API server", str(e)) from None
-        except kubeapi.ApiError as e:
-            raise CniError(Code.API_REFUSED, f"the API server refused to return {what}: {e}",
-                           "check the CNI's kubeconfig and RBAC (deploy/rbac/cni.yaml)") from None
-        time.sleep(POLL_INTERVAL_S)
-
-
-def resolve_port(client: KubeClient, conf: NetConf, ns: str, name: str, uid: str | None,
-                 deadline: float, log: Log) -> tuple[PortAnnotation, str]:
-    """Check the pod against the API (identity, node, tenancy), wait for and parse its port."""
-    from cni import kubeapi
-    from netctl.annotations import PORT_ANNOTATION, AnnotationError, PortAnnotation
-
-    pod_ref = f"pod {ns}/{name}"
-
-    def get_pod(timeout: float) -> dict[str, Any]:
-        try:
-            return client.get_pod(ns, name, timeout)
-        except kubeapi.NotFound:
-            raise CniError(Code.POD_IDENTITY, f"{pod_ref} does not exist in the API server",
-                           "it was probably deleted while its sandbox was being created") from None
-
-    def get_or_refuse(fn: Callable[[float], dict[str, Any]], what: str, hint: str) -> dict[str, Any]:
-        def call(timeout: float) -> dict[str, Any]:
+    data: IO[bytes] | bytes = stdin
+    if env.get("CNI_COMMAND") in agent_protocol.FORWARDED:
+        if not isinstance(data, bytes):
             try:
-                return fn(timeout)
-            except kubeapi.NotFound:
-                raise CniError(Code.TENANCY, f"{what} does not exist in the API server; {hint}") from None
-        return _api_call(call, what, deadline)
+                data = data.read()
+            except OSError:
+                data = stdin  # the in-process path reports the read error (code 5)
+        target = agent_protocol.agent_target(data) if isinstance(data, bytes) else None
+        if target is not None:
+            path, version, timeout = target
+            assert isinstance(data, bytes)
+            rc = agent_protocol.forward(path, version, timeout, env, data, out)
+            out.flush()
+            return rc
+    if sys.flags.no_site:  # started by an `-I -S` launcher: the in-process path needs site-packages
+        import site
 
-    pod = _api_call(get_pod, pod_ref, deadline)
-    check_pod(pod, ns, name, uid, conf.node_name)
-    node = get_or_refuse(lambda t: client.get_node(conf.node_name, t), f'node "{conf.node_name}"',
-                         "nodeName in the CNI config must be this node's Kubernetes name")
-    namespace = get_or_refuse(lambda t: client.get_namespace(ns, t), f'namespace "{ns}"', "")
-    tenant = check_tenancy(pod_ref, conf.node_name, node, ns, namespace)
-    waited = time.monotonic()
-    while (text := _annotations(pod).get(PORT_ANNOTATION)) is None:
-        if time.monotonic() + POLL_INTERVAL_S >= deadline:
-            raise CniError(
-                Code.TRY_AGAIN_LATER,
-                f"{pod_ref} has no {PORT_ANNOTATION} annotation after {conf.annotation_timeout_s:g}s",
-                f"is the netctl controller running, and does tenant {tenant!r} have a network?",
-            )
-        time.sleep(POLL_INTERVAL_S)
-        pod = _api_call(get_pod, pod_ref, deadline)
-        check_pod(pod, ns, name, uid, conf.node_name)
-    if time.monotonic() - waited > POLL_INTERVAL_S:
-        log.info(f"waited {time.monotonic() - waited:.2f}s for the {PORT_ANNOTATION} annotation")
-    try:
-        port = PortAnnotation.from_json(text if isinstance(text, str) else "")
-    except AnnotationError as e:
-        raise CniError(Code.ANNOTATION_INVALID, f"{pod_ref} has an invalid {PORT_ANNOTATION} annotation: {e}",
-                       "the netctl controller wrote it; check the controller's log") from None
-    if port.tenant != tenant:
-        raise CniError(
-            Code.TENANCY,
-            f"{pod_ref}'s {PORT_ANNOTATION} annotation is for tenant {port.tenant!r} but namespace "
-            f'"{ns}" belongs to tenant {tenant!r}; refusing to plug another tenant\'s port',
-        )
-    return port, str(_meta(pod).get("uid") or "")
+        site.main()
+    from cni import plugin
 
+    return plugin.run(env, data, out)
 
-def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, dict) else {}
-
-
-def _annotations(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    ann = _meta(obj).get("annotations")
-    return ann if isinstance(ann, dict) else {}
-
-
-def _tenant(obj: Mapping[str, Any]) -> str | None:
-    from netctl.annotations import TENANT_LABEL
-
-    labels = _meta(obj).get("labels")
-    value = labels.get(TENANT_LABEL) if isinstance(labels, dict) else None
-    return value if isinstance(value, str) and value else None
-
-
-def check_pod(pod: Mapping[str, Any], ns: str, name: str, uid: str | None, node_name: str) -> None:
-    """The pod is the one the runtime means (same uid) and is bound to this node."""
-    pod_uid = _meta(pod).get("uid")
-    if uid and pod_uid != uid:
-        raise CniError(
-            Code.POD_IDENTITY,
-            f"pod {ns}/{name} has uid {pod_uid} but the runtime asked for uid {uid}",
-            "the pod was deleted and re-created; the runtime will create a new sandbox for it",
-        )
-    spec = pod.get("spec")
-    bound = spec.get("nodeName") if isinstance(spec, dict) else None
-    if bound != node_name:
-        raise CniError(
-            Code.TENANCY,
-            f'pod {ns}/{name} is bound to node "{bound or ""}", not to this node "{node_name}"',
-            "nodeName in this node's CNI config (or NODE_NAME / the hostname) must be its Kubernetes name",
-        )
-
-
-def check_tenancy(pod_ref: str, node_name: str, node: Mapping[str, Any], ns: str,
-                  namespace: Mapping[str, Any]) -> str:
-    """Namespace tenant == node tenant (DESIGN §3), else refuse; returns the tenant."""
-    node_tenant, ns_tenant = _tenant(node), _tenant(namespace)
-    if ns_tenant is None:
-        raise CniError(Code.TENANCY, f'{pod_ref} belongs to no tenant: namespace "{ns}" has no netctl.io/tenant '
-                       "label; label the namespace with its tenant")
-    if node_tenant is None:
-        raise CniError(Code.TENANCY, f'node "{node_name}" has no netctl.io/tenant label, so it runs no tenant\'s '
-                       "pods; label the node with its tenant")
-    if node_tenant != ns_tenant:
-        raise CniError(
-            Code.TENANCY,
-            f'{pod_ref} belongs to tenant "{ns_tenant}" but node "{node_name}" belongs to tenant '
-            f'"{node_tenant}"; tenants never share nodes',
-            f"schedule the pod onto a node of its tenant (nodeSelector netctl.io/tenant={ns_tenant})",
-        )
-    return ns_tenant
-
-
-def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: str, uid: str,
-         log: Log) -> Result:
-    """Plumb the pod's port and describe it as the CNI result."""
-    from cni import ovs_binding as ob
-
-    routes = []
-    if conf.service_route:
-        import ipaddress
-
-        cidr, via = conf.service_route
-        if ipaddress.IPv4Address(via) not in port.interface.network:
-            raise CniError(Code.INVALID_NETCONF, f"invalid network config: nodeAddress {via} is outside the "
-                           f"pod subnet {port.interface.network}, so it cannot route serviceCidr {cidr}")
-        routes.append((cidr, via))
-    host = ob.host_ifname(inv.container_id, inv.ifname)
-    ids = {ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname, ob.EXT_POD: f"{ns}/{name}",
-           ob.EXT_NETWORK: conf.name}
-    if uid:
-        ids[ob.EXT_POD_UID] = uid
-    try:
-        res = ob.plug_port(
-            ovsdb=conf.ovsdb, bridge=conf.bridge, ovs_netns=conf.ovs_netns, target_netns=inv.netns,
-            ifname=inv.ifname, host_ifname=host, port_id=port.port_id, mac=port.mac, cidr=port.ip,
-            gateway=port.gateway, mtu=port.mtu, owner_tag=f"{ob.OWNER_POD_PREFIX}{ns}/{name}", external_ids=ids,
-            routes=routes, alias=ob.attachment_alias(conf.name, inv.container_id, inv.ifname),
-        )
-    except ob.BindingError as e:
-        raise _binding_error(e, "plugging the pod") from None
-    log.info(f"plugged {res.ifname} ({port.ip}, {port.mac}) <-> {res.host_ifname} ofport {res.ofport} "
-             f"port {port.port_id}")
-    return Result(
-        interfaces=(Interface(res.host_ifname, res.host_mac),
-                    Interface(res.ifname, res.mac, inv.netns, res.mtu)),
-        ips=(IPConfig(port.ip, 1, port.gateway),),
-        routes=((Route("0.0.0.0/0", port.gateway),) if port.gateway else ()) + tuple(Route(d, v) for d, v in routes),
-        dns=conf.dns,
-    )
-
-
-def _binding_error(e: Exception, doing: str) -> CniError:
-    from cni import ovs_binding as ob
-
-    if isinstance(e, ob.OvsUnavailable):
-        return CniError(Code.TRY_AGAIN_LATER, f"{doing}: Open vSwitch is unavailable", str(e))
-    if isinstance(e, ob.OvsError):
-        return CniError(Code.OVS_FAILURE, f"{doing}: Open vSwitch failed", str(e))
-    return CniError(Code.LINK_FAILURE, f"{doing}: interface setup failed", str(e))
-
-
-# ---- DEL / CHECK ---------------------------------------------------------------------------------
-
-
-def cmd_del(inv: Invocation, conf: NetConf, log: Log) -> None:
-    """Idempotent; needs neither the API server nor the pod's netns."""
-    from cni import ovs_binding as ob
-
-    host = ob.host_ifname(inv.container_id, inv.ifname)
-    try:
-        removed = ob.unplug_port(ovsdb=conf.ovsdb, ovs_netns=conf.ovs_netns, host_ifname=host,
-                                 match={ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname})
-    except ob.BindingError as e:
-        raise _binding_error(e, "unplugging the pod") from None
-    log.info(f"removed {', '.join(removed)}" if removed else "nothing to remove")
-
-
-def cmd_check(inv: Invocation, conf: NetConf, log: Log) -> None:
-    """Compare the attachment with prevResult (what ADD reported)."""
-    from cni import ovs_binding as ob
-
-    if conf.prev_result is None:
-        raise CniError(Code.INVALID_NETCONF, "invalid network config: CHECK needs prevResult")
-    prev = Result.from_dict(conf.prev_result)
-    index = next((i for i, itf in enumerate(prev.interfaces)
-                  if itf.name == inv.ifname and itf.sandbox == inv.netns), None)
-    if index is None:
-        raise CniError(Code.CHECK_FAILED, f"prevResult lists no interface {inv.ifname} in {inv.netns}")
-    try:
-        problems = ob.check_port(
-            ovsdb=conf.ovsdb, bridge=conf.bridge, ovs_netns=conf.ovs_netns, target_netns=inv.netns,
-            ifname=inv.ifname, host_ifname=ob.host_ifname(inv.container_id, inv.ifname),
-            mac=prev.interfaces[index].mac, cidrs=[ip.address for ip in prev.ips if ip.interface == index],
-            external_ids={ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname},
-        )
-    except ob.BindingError as e:
-        raise _binding_error(e, "checking the pod") from None
-    if problems:
-        raise CniError(Code.CHECK_FAILED, f"{inv.ifname} in {inv.netns} is not as ADD left it", "; ".join(problems))
-
-
-# ---- STATUS / GC (CNI 1.1) -------------------------------------------------------------------------
-
-
-def cmd_status(inv: Invocation, conf: NetConf, log: Log) -> None:
-    """Ready (exit 0, no output) when OVSDB answers and the bridge exists; else code 50 saying what is missing."""
-    from cni import ovsdb_probe
-
-    try:
-        found = ovsdb_probe.bridge_exists(conf.ovsdb, conf.bridge)
-    except ovsdb_probe.ProbeError as e:
-        raise CniError(Code.PLUGIN_NOT_AVAILABLE, "Open vSwitch is not available: cannot plug pods", str(e)) from None
-    if not found:
-        raise CniError(Code.PLUGIN_NOT_AVAILABLE, f"OVS bridge {conf.bridge} does not exist: cannot plug pods",
-                       f"OVSDB {conf.ovsdb} answers but has no bridge {conf.bridge!r} (is ovn-controller set up?)")
-
-
-def cmd_gc(inv: Invocation, conf: NetConf, log: Log) -> None:
-    """Remove this network's attachments (OVS port + host veth) that the runtime no longer knows."""
-    from cni import ovs_binding as ob
-    from cni.netconf import valid_attachments
-
-    valid = valid_attachments(conf.raw)
-    try:
-        removed = ob.gc_attachments(ovsdb=conf.ovsdb, ovs_netns=conf.ovs_netns, network=conf.name, valid=valid)
-    except ob.BindingError as e:
-        raise _binding_error(e, "garbage-collecting attachments") from None
-    log.info(f"GC kept {len(valid)} valid attachment(s), removed {', '.join(removed) or 'nothing'}")
-
-
-VERBS: dict[str, Callable[[Invocation, NetConf, Log], Result | None]] = {
-    "ADD": cmd_add,
-    "DEL": cmd_del,
-    "CHECK": cmd_check,
-    "STATUS": cmd_status,
-    "GC": cmd_gc,
-}
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,10 @@ names the key.
 Example plugin entry of a conflist::
 
     {"type": "netctl-cni", "kubeconfig": "/etc/netctl/cni.kubeconfig", "bridge": "br-int",
-     "ovsdb": "unix:/run/openvswitch/db.sock", "logFile": "/var/log/netctl-cni.log"}
+     "ovsdb": "unix:/run/openvswitch/db.sock", "logFile": "/var/log/netctl-cni.log",
+     "agentSocket": "/run/netctl/cni-agent.sock"}
+
+With `agentSocket` the executable forwards the verbs to the node agent listening there (cni/agent.py).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class NetConf:
     service_cidr: str | None = None  # route it via node_address (kproxy data path, DESIGN §1)
     node_address: str | None = None
     log_file: str | None = None
+    agent_socket: str | None = None  # hand the verbs to the node agent there (cni.main, cni.agent)
     dns: DNS = field(default_factory=DNS)
     prev_result: Any = None  # raw; parsed by the verbs that need it
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -72,6 +76,9 @@ class NetConf:
         if why := validate_ifname(bridge):
             raise _bad("bridge", f"{bridge!r} {why}")
         service_cidr, node_address = _service_route(conf)
+        agent_socket = _opt_str(conf, "agentSocket") or None
+        if agent_socket is not None and not agent_socket.startswith("/"):
+            raise _bad("agentSocket", f"{agent_socket!r} must be an absolute path to the node agent's unix socket")
         return cls(
             cni_version=cni_version,
             name=name,
@@ -85,6 +92,7 @@ class NetConf:
             service_cidr=service_cidr,
             node_address=node_address,
             log_file=_opt_str(conf, "logFile") or None,
+            agent_socket=agent_socket,
             dns=parse_dns(conf.get("dns"), lambda what: _bad("dns", what)),
             prev_result=conf.get("prevResult"),
             raw=conf,

@@ -115,6 +115,13 @@ class OvsDb:
             raise OvsUnavailable(f"cannot connect to OVSDB {remote}: {e}") from None
         return cls(remote, api, conn, timeout)
 
+    def connected(self) -> bool:
+        """The IDL's session to ovsdb-server is up (a warm connection can lose it)."""
+        session = getattr(self._conn.idl, "_session", None)  # ovs.db.idl.Idl keeps its jsonrpc session there
+        if session is None or not getattr(self._conn, "is_running", True):
+            return session is not None
+        return bool(session.is_connected())
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._conn.stop(timeout=self.timeout)
@@ -189,7 +196,7 @@ class OvsDb:
                 raise OvsError(f"ovs-vswitchd could not attach {name}: {row['error'] or 'ofport -1'}")
             if time.monotonic() > deadline:
                 raise OvsError(f"ovs-vswitchd did not attach {name} within {self.timeout:g}s")
-            time.sleep(0.05)
+            time.sleep(0.005)  # reads the local IDL replica: cheap; vswitchd attaches in a few ms
 
 
 def _single(value: Any) -> Any:
@@ -205,7 +212,9 @@ def _single(value: Any) -> Any:
 class Netns:
     """IPRoute and ethtool handles whose sockets live in the netns at `path`.
 
-    Raises FileNotFoundError if the netns does not exist (never creates one).
+    Raises FileNotFoundError if the netns does not exist (never creates one). Use it only on the
+    thread that created it: pyroute2 (0.9) opens a netlink socket per calling thread, lazily, in
+    whatever netns that thread is in.
     """
 
     def __init__(self, path: str) -> None:
@@ -292,6 +301,40 @@ def _link_error(what: str, e: BaseException) -> LinkError:
     return LinkError(f"{what}: {e}")
 
 
+@contextlib.contextmanager
+def _session(remote: str, timeout: float, ovs: OvsDb | None) -> Iterator[OvsDb]:
+    """`ovs` when the caller keeps a warm connection (the node agent), else a fresh one closed afterwards."""
+    if ovs is not None:
+        yield ovs
+        return
+    with OvsDb.connect(remote, timeout) as fresh:
+        yield fresh
+
+
+@contextlib.contextmanager
+def _host_netns(path: str, host: Netns | None, missing_ok: bool) -> Iterator[Netns | None]:
+    """The OVS netns handle: `host` if the caller keeps one open, else opened here and closed afterwards.
+
+    With `missing_ok`, a netns that no longer exists yields None (every veth end went with it).
+    """
+    if host is not None:
+        yield host
+        return
+    try:
+        opened = Netns(path)
+    except FileNotFoundError as e:
+        if not missing_ok:
+            raise LinkError(f"cannot open the OVS netns {path}: {e.strerror or e}") from None
+        opened = None
+    except OSError as e:
+        raise LinkError(f"cannot open the OVS netns {path}: {e.strerror or e}") from None
+    try:
+        yield opened
+    finally:
+        if opened is not None:
+            opened.close()
+
+
 # ---- plug / unplug / check ------------------------------------------------------------------------
 
 
@@ -313,51 +356,53 @@ def plug_port(
     routes: Iterable[tuple[str, str]] = (),
     alias: str | None = None,
     timeout: float = OVS_TIMEOUT_S,
+    ovs: OvsDb | None = None,
+    host: Netns | None = None,
 ) -> PlugResult:
     """Create the veth, configure the target end (MAC, MTU, address, routes), attach the host end.
 
     `routes` are extra (destination CIDR, via) routes, e.g. the Service CIDR via the node address.
     `alias` (see attachment_alias) marks the host end so GC can find it even without an OVS port.
     On any failure everything created so far is removed and the error re-raised.
+    `ovs`/`host`: a warm OVSDB connection and OVS-netns handle to use (and leave open) instead of
+    connecting and opening per call (the node agent keeps them).
     """
     iface = ipaddress.IPv4Interface(cidr)
     ids = {"iface-id": port_id, "attached-mac": mac, "iface-status": "active", **(external_ids or {})}
     if owner_tag:
         ids[EXT_OWNER] = owner_tag
-    with OvsDb.connect(ovsdb, timeout) as ovs:  # first: an unreachable OVS must leave nothing behind
-        try:
-            host, pod = Netns(ovs_netns), None
-        except OSError as e:
-            raise LinkError(f"cannot open the OVS netns {ovs_netns}: {e.strerror or e}") from None
+    # OVSDB first: an unreachable OVS must leave nothing behind
+    with _session(ovsdb, timeout, ovs) as db, _host_netns(ovs_netns, host, missing_ok=False) as hns:
+        assert hns is not None
+        pod = None
         try:
             try:
                 pod = Netns(target_netns)
             except OSError as e:
                 raise LinkError(f"cannot open netns {target_netns}: {e.strerror or e}") from None
-            if host.index(host_ifname) is not None or ovs.interface(host_ifname) is not None:
-                _unplug(ovs, host, {host_ifname})  # left over by an ADD that was killed mid-way
+            if hns.index(host_ifname) is not None or db.interface(host_ifname) is not None:
+                _unplug(db, hns, {host_ifname})  # left over by an ADD that was killed mid-way
             created = False
             try:
                 try:
-                    host.ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
-                                  peer={"ifname": ifname, "net_ns_fd": pod.fd, "address": mac, "mtu": mtu})
+                    hns.ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
+                                 peer={"ifname": ifname, "net_ns_fd": pod.fd, "address": mac, "mtu": mtu})
                 except NetlinkError as e:
                     raise _link_error(f"creating veth {host_ifname} <-> {ifname} in {target_netns}", e) from None
                 created = True
                 if alias:
-                    _set_alias(host, host_ifname, alias)
+                    _set_alias(hns, host_ifname, alias)
                 _configure_pod_end(pod, ifname, iface, gateway, routes)
-                _configure_host_end(host, host_ifname)
-                ovs.add_port(bridge, host_ifname, ids)
-                ofport = ovs.wait_ofport(host_ifname)
-                host_link = host.link(host_ifname)
+                _configure_host_end(hns, host_ifname)
+                db.add_port(bridge, host_ifname, ids)
+                ofport = db.wait_ofport(host_ifname)
+                host_link = hns.link(host_ifname)
                 host_mac = host_link.get_attr("IFLA_ADDRESS") if host_link is not None else ""
             except BaseException:
                 if created:
-                    _rollback(ovs, host, host_ifname)
+                    _rollback(db, hns, host_ifname)
                 raise
         finally:
-            host.close()
             if pod is not None:
                 pod.close()
     return PlugResult(host_ifname, host_mac, ifname, mac, target_netns, mtu, ofport)
@@ -455,6 +500,8 @@ def unplug_port(
     host_ifname: str,
     match: Mapping[str, str] | None = None,
     timeout: float = OVS_TIMEOUT_S,
+    ovs: OvsDb | None = None,
+    host: Netns | None = None,
 ) -> list[str]:
     """Remove the OVS port(s) and host veth(s) of one attachment; idempotent.
 
@@ -462,21 +509,12 @@ def unplug_port(
     container id), so a port is found even if the naming scheme changes. Returns what it removed.
     Raises OvsUnavailable before touching anything if OVSDB cannot be reached.
     """
-    with OvsDb.connect(ovsdb, timeout) as ovs:
+    with _session(ovsdb, timeout, ovs) as db:
         names = {host_ifname}
         if match:
-            names.update(ovs.find_interfaces(match))
-        try:
-            host: Netns | None = Netns(ovs_netns)
-        except FileNotFoundError:
-            host = None  # the OVS netns is gone, and every veth end with it
-        except OSError as e:
-            raise LinkError(f"cannot open the OVS netns {ovs_netns}: {e.strerror or e}") from None
-        try:
-            return _unplug(ovs, host, names)
-        finally:
-            if host is not None:
-                host.close()
+            names.update(db.find_interfaces(match))
+        with _host_netns(ovs_netns, host, missing_ok=True) as hns:
+            return _unplug(db, hns, names)
 
 
 def check_port(
@@ -491,11 +529,13 @@ def check_port(
     cidrs: Iterable[str],
     external_ids: Mapping[str, str] | None = None,
     timeout: float = OVS_TIMEOUT_S,
+    ovs: OvsDb | None = None,
+    host: Netns | None = None,
 ) -> list[str]:
     """Everything that differs from what plug_port left behind; [] when all is in place."""
     problems: list[str] = []
-    with OvsDb.connect(ovsdb, timeout) as ovs:
-        row = ovs.interface(host_ifname)
+    with _session(ovsdb, timeout, ovs) as db:
+        row = db.interface(host_ifname)
         if row is None:
             problems.append(f"OVS has no interface {host_ifname}")
         else:
@@ -511,21 +551,24 @@ def check_port(
             for key, want in (external_ids or {}).items():
                 if ext.get(key) != want:
                     problems.append(f"OVS interface {host_ifname} has {key}={ext.get(key)!r}, expected {want!r}")
-    problems += _check_links(ovs_netns, target_netns, ifname, host_ifname, mac, cidrs)
+    problems += _check_links(ovs_netns, target_netns, ifname, host_ifname, mac, cidrs, host)
     return problems
 
 
 def _check_links(ovs_netns: str, target_netns: str, ifname: str, host_ifname: str, mac: str,
-                 cidrs: Iterable[str]) -> list[str]:
+                 cidrs: Iterable[str], host: Netns | None) -> list[str]:
     problems: list[str] = []
     for path, name, want_mac, want_cidrs in ((ovs_netns, host_ifname, None, ()),
                                              (target_netns, ifname, mac, tuple(cidrs))):
+        warm = host if path == ovs_netns else None
         try:
-            ns = Netns(path)
+            ns = warm or Netns(path)
         except OSError as e:
             problems.append(f"netns {path}: {e.strerror or e}")
             continue
-        with ns:
+        with contextlib.ExitStack() as stack:
+            if warm is None:
+                stack.enter_context(ns)
             link = ns.link(name)
             if link is None:
                 problems.append(f"{name} is missing in {path}")
@@ -548,6 +591,8 @@ def gc_attachments(
     network: str,
     valid: Iterable[tuple[str, str]],
     timeout: float = OVS_TIMEOUT_S,
+    ovs: OvsDb | None = None,
+    host: Netns | None = None,
 ) -> list[str]:
     """Remove OVS ports and host veth ends of `network`'s attachments that are not in `valid`.
 
@@ -557,30 +602,21 @@ def gc_attachments(
     attachments, foreign links) is left alone. Returns the names removed.
     """
     keep = set(valid)
-    with OvsDb.connect(ovsdb, timeout) as ovs:
+    with _session(ovsdb, timeout, ovs) as db:
         stale: set[str] = set()
-        for name, ext in ovs.attachments():
+        for name, ext in db.attachments():
             key = (ext.get(EXT_CONTAINER_ID, ""), ext.get(EXT_IFNAME, ""))
             if (all(key) and ext.get(EXT_NETWORK) == network
                     and ext.get(EXT_OWNER, "").startswith(OWNER_POD_PREFIX) and key not in keep):
                 stale.add(name)
-        try:
-            host: Netns | None = Netns(ovs_netns)
-        except FileNotFoundError:
-            host = None
-        except OSError as e:
-            raise LinkError(f"cannot open the OVS netns {ovs_netns}: {e.strerror or e}") from None
-        try:
-            if host is not None:
+        with _host_netns(ovs_netns, host, missing_ok=True) as hns:
+            if hns is not None:
                 try:
-                    links = host.ipr.get_links()
+                    links = hns.ipr.get_links()
                 except NetlinkError as e:
                     raise _link_error(f"listing links in {ovs_netns}", e) from None
                 for link in links:
                     mark = parse_alias(link.get_attr("IFLA_IFALIAS"))
                     if mark is not None and mark[0] == network and (mark[1], mark[2]) not in keep:
                         stale.add(link.get_attr("IFLA_IFNAME"))
-            return _unplug(ovs, host, stale)
-        finally:
-            if host is not None:
-                host.close()
+            return _unplug(db, hns, stale)

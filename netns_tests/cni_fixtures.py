@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,3 +323,49 @@ def netns_add(name: str) -> str:
 
 def netns_del(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
+
+
+class AgentProc:
+    """A `python -m cni.agent` process with its own config, socket and log (all under `base`).
+
+    Runs in this process's netns (where the control plane's 127.0.0.1 is reachable); `start()`
+    returns once the socket accepts connections, `stop()` is SIGTERM then SIGKILL.
+    """
+
+    def __init__(self, base: Path, node: str, kubeconfig: str, ovsdb: str, ovs_netns: str) -> None:
+        self.base = base
+        self.socket = str(base / "agent.sock")
+        self.config = base / "agent.json"
+        self.log = base / "agent.log"
+        self.config.write_text(json.dumps({"socket": self.socket, "nodeName": node, "kubeconfig": kubeconfig,
+                                           "ovsdb": ovsdb, "ovsNetns": ovs_netns}))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cni.agent", "--config", str(self.config)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(self.socket)
+                return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"agent did not start (rc {self.proc.poll()}): {self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from cni import kubeapi
 from cni import main as cni_main
+from cni import plugin as cni_plugin
 from cni.netconf import DEFAULT_BRIDGE, DEFAULT_OVSDB, INIT_NETNS, NetConf
 from cni.spec import (
     DNS,
@@ -234,7 +235,7 @@ def test_chained_after_another_plugin_passes_prev_result_through() -> None:
                   (IPConfig("127.0.0.1/8", 0),), (Route("10.9.0.0/16", "127.0.0.2"),), DNS(("1.1.1.1",)))
     ours = Result((Interface("nc0", "aa:bb:cc:dd:ee:01"), Interface("eth0", "0a:58:0a:01:00:05", "/run/netns/x")),
                   (IPConfig("10.1.0.5/24", 1, "10.1.0.1"),), (Route("0.0.0.0/0", "10.1.0.1"),))
-    merged = cni_main.chain_after(prev, ours)
+    merged = cni_plugin.chain_after(prev, ours)
     assert [i.name for i in merged.interfaces] == ["lo", "nc0", "eth0"]
     assert merged.ips == (IPConfig("127.0.0.1/8", 0), IPConfig("10.1.0.5/24", 2, "10.1.0.1"))
     assert merged.routes == (Route("10.9.0.0/16", "127.0.0.2"), Route("0.0.0.0/0", "10.1.0.1"))
@@ -469,8 +470,8 @@ def pod(annotation: str | None = ANNOTATION.to_json(), **kw: Any) -> dict[str, A
 def resolve(fake: FakeKube, *, uid: str | None = "u1", timeout: float = 2.0) -> PortAnnotation:
     nc = NetConf.from_dict({"name": "n", "type": "t", "nodeName": "n1", "annotationTimeoutSeconds": timeout},
                            "1.0.0", {})
-    port, _ = cni_main.resolve_port(fake, nc, "ns1", "p1", uid, time.monotonic() + timeout,  # type: ignore[arg-type]
-                                    cni_main.Log())
+    port, _ = cni_plugin.resolve_port(fake, nc, "ns1", "p1", uid, time.monotonic() + timeout,  # type: ignore[arg-type]
+                                    cni_plugin.Log())
     return port
 
 
@@ -613,7 +614,7 @@ def test_internal_errors_become_code_999(monkeypatch: pytest.MonkeyPatch) -> Non
     def boom(*_: Any) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setitem(cni_main.VERBS, "DEL", boom)
+    monkeypatch.setitem(cni_plugin.VERBS, "DEL", boom)
     rc, text = run_inproc(env_for("DEL"), json.dumps(conf()).encode())
     doc = json.loads(text)
     assert rc == 1 and doc["code"] == Code.INTERNAL and "KeyError" in doc["details"]

@@ -9,7 +9,9 @@ Pieces, in start order (each one is a real program, started by hand, no systemd)
   controller        `netctl controller` (a separate process, so tests can kill and restart it)
   nodes             per node a netns "VM" with a mgmt NIC, a NIC on its tenant network (an OVN port
                     the lab creates as the IaaS would) and its own containerd + kubelet, which run
-                    `netctl-cni` from the node's CNI config dir for every pod
+                    `netctl-cni` from the node's CNI config dir for every pod; the thin executable
+                    hands each verb to the node's CNI agent (`python -m cni.agent`, started in the
+                    node netns before the runtime, pid/log/socket under `nodes/<node>/`)
 
 A lab records itself in `<run_dir>/lab.json`, so `netctl lab down` in another process removes it.
 """
@@ -110,6 +112,7 @@ class Lab:
         self._identities: dict[int, str] = {}
         self._metrics_urls: dict[int, str] = {}
         self.runtimes: dict[str, Any] = {}
+        self.cni_agents: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
 
     @staticmethod
@@ -328,6 +331,35 @@ class Lab:
             link.symlink_to(_venv_bin("netctl-cni"))
         return d
 
+    def cni_agent_socket(self, node: str) -> Path:
+        return self.run_dir / "nodes" / node / "cni-agent.sock"
+
+    def start_cni_agent(self, node: NodeSpec) -> Any:
+        """The node's CNI agent (cni/agent.py), in the node netns; returns once it accepts connections."""
+        import socket as _socket
+
+        from netctl.lab.procs import Daemon
+
+        node_dir = self.run_dir / "nodes" / node.name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        config = node_dir / "cni-agent.json"
+        config.write_text(json.dumps({
+            "socket": str(self.cni_agent_socket(node.name)), "nodeName": node.name,
+            "kubeconfig": str(self.cp.kubeconfig("netctl-cni")), "ovsdb": self.ovs.db_connection,
+            "ovsNetns": f"/run/netns/{self.hv_netns}"}, indent=2))
+        daemon = Daemon(f"netctl-cni-agent[{node.name}]", [sys.executable, "-m", "cni.agent", "--config", str(config)],
+                        node_dir / "cni-agent.log", node_dir / "cni-agent.pid", netns=self.node_netns(node.name))
+        daemon.start()
+        self.cni_agents[node.name] = daemon
+
+        def accepts() -> bool:
+            with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as s:
+                s.connect(str(self.cni_agent_socket(node.name)))
+            return True
+
+        daemon.wait_ready(accepts, 30, "accepting connections")
+        return daemon
+
     def cni_conflist(self, node: NodeSpec) -> dict[str, Any]:
         return {
             "cniVersion": "1.0.0",
@@ -340,6 +372,7 @@ class Lab:
                 "bridge": BRIDGE,
                 "ovsNetns": f"/run/netns/{self.hv_netns}",
                 "logFile": str(self.run_dir / "nodes" / node.name / "cni.log"),
+                "agentSocket": str(self.cni_agent_socket(node.name)),
             }],
         }
 
@@ -368,6 +401,7 @@ class Lab:
         self.state.nodes[node.name] = {"netns": netns, "mgmt_ip": mgmt_ip, "tenant_ip": nic.ip,
                                        "tenant": node.tenant}
         self.state.save()
+        self.start_cni_agent(node)
         rt.start()
 
     def attach_node_nic(self, node: NodeSpec, netns: str) -> Any:
