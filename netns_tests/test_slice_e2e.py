@@ -165,7 +165,12 @@ def test_pod_of_another_tenant_is_refused_by_the_cni(lab: Lab) -> None:
         # No attachment was left behind on the hypervisor for it.
         assert ovs_ifaces(lab, f"pod-{pod['metadata']['uid']}") == []
     finally:
-        lab.cp.kubectl("delete", "pod", "-n", beta_ns, "intruder", "--wait=false", check=False)
+        # Wait for it to be gone, port included, so later tests see only the pods they expect.
+        uid = json.loads(lab.cp.kubectl("get", "pod", "-n", beta_ns, "intruder", "-o", "json", check=False)
+                         or "{}").get("metadata", {}).get("uid")
+        lab.cp.kubectl("delete", "pod", "-n", beta_ns, "intruder", "--wait=true", "--timeout=90s", check=False)
+        if uid:
+            wait_for(lambda: f"pod-{uid}" not in {p["name"] for p in pod_lsps(lab)}, 60, "the intruder's port to go")
 
 
 def test_deleting_a_pod_removes_its_lsp_and_ovs_port(lab: Lab) -> None:
@@ -207,3 +212,50 @@ def test_controller_restart_creates_no_duplicates_and_leaves_no_orphans(lab: Lab
     ips = [nbctl(lab, "lsp-get-addresses", n).split()[1] for n in names]
     assert len(ips) == len(set(ips))
     lab.cp.kubectl("delete", "pod", "-n", "tenant-beta", "newcomer", "--wait=false")
+
+
+# -- Services: pod -> ClusterIP (route via the node) -> node's kproxy -> backend pod ---------------
+
+
+def _service(lab: Lab, namespace: str, name: str, selector: dict[str, str]) -> str:
+    doc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+           "spec": {"selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": POD_PORT}]}}
+    path = lab.run_dir / f"svc-{namespace}-{name}.json"
+    path.write_text(json.dumps(doc))
+    lab.cp.kubectl("apply", "-f", str(path))
+    return lab.cp.kubectl("get", "service", "-n", namespace, name, "-o", "jsonpath={.spec.clusterIP}").strip()
+
+
+def _node_table(lab: Lab, node: str) -> str:
+    return subprocess.run(["nsenter", f"--net=/run/netns/{lab.node_netns(node)}", "nft", "list", "table", "ip",
+                           "kproxy"], capture_output=True, text=True, check=False).stdout
+
+
+def test_clusterip_reaches_backends_within_the_tenant_only(lab: Lab) -> None:
+    groups = _pods_by_tenant(lab)
+    alpha_ip = _service(lab, "tenant-alpha", "web", {"app": "netctl-demo"})
+    beta_ip = _service(lab, "tenant-beta", "web", {"app": "netctl-demo"})
+    for node in lab.topology.nodes_of("alpha"):
+        wait_for(lambda n=node.name: alpha_ip in _node_table(lab, n), 60, f"{node.name}'s kproxy to program {alpha_ip}")
+    for node in lab.topology.nodes_of("beta"):
+        wait_for(lambda n=node.name: beta_ip in _node_table(lab, n), 60, f"{node.name}'s kproxy to program {beta_ip}")
+        assert alpha_ip not in _node_table(lab, node.name), "a beta node holds rules for alpha's service"
+    # Endpoints follow the Service by a sync or two (EndpointSlice controller, then kproxy).
+    for pod in groups["alpha"]:
+        ns = lab.pod_netns(pod["metadata"]["namespace"], pod["metadata"]["name"], pod["spec"]["nodeName"])
+        wait_for(lambda ns=ns: tcp_probe(ns, alpha_ip, 80, timeout=2.0), 30,
+                 f"{pod['metadata']['name']} to reach {alpha_ip}")
+    for pod in groups["beta"]:
+        ns = lab.pod_netns(pod["metadata"]["namespace"], pod["metadata"]["name"], pod["spec"]["nodeName"])
+        wait_for(lambda ns=ns: tcp_probe(ns, beta_ip, 80, timeout=2.0), 30,
+                 f"{pod['metadata']['name']} to reach {beta_ip}")
+        assert not tcp_probe(ns, alpha_ip, 80, timeout=1.0), "a beta pod reached alpha's service"
+
+
+def test_a_pod_reaches_itself_through_its_service(lab: Lab) -> None:
+    pod = _pods_by_tenant(lab)["alpha"][0]
+    name = pod["metadata"]["name"]
+    ip = _service(lab, "tenant-alpha", "self", {"netctl.io/lab-pod": name})
+    wait_for(lambda: ip in _node_table(lab, pod["spec"]["nodeName"]), 60, "kproxy to program the service")
+    ns = lab.pod_netns("tenant-alpha", name, pod["spec"]["nodeName"])
+    wait_for(lambda: tcp_probe(ns, ip, 80, timeout=2.0), 30, "the pod to reach itself through its Service")

@@ -93,12 +93,15 @@ class Lab:
         prefix: str | None = None,
         progress: Progress | None = None,
         controller_args: tuple[str, ...] = (),
+        services: bool = True,
     ) -> None:
         self.topology = topology or demo()
         self.run_dir = Path(run_dir).absolute()
         self.prefix = prefix or ("nl" + secrets.token_hex(2))
         self.progress = progress or (lambda msg: log.info("%s", msg))
         self.controller_args = controller_args
+        self.services = services  # kproxy per node + the CNI's Service route (the Service data path)
+        self.kproxies: dict[str, Any] = {}
         self.hv_netns = f"{self.prefix}hv"
         self.chassis = f"{self.prefix}-chassis"
         self.state = LabState(self.prefix, str(self.run_dir))
@@ -360,8 +363,9 @@ class Lab:
         daemon.wait_ready(accepts, 30, "accepting connections")
         return daemon
 
-    def cni_conflist(self, node: NodeSpec) -> dict[str, Any]:
-        return {
+    def cni_conflist(self, node: NodeSpec, node_address: str | None = None) -> dict[str, Any]:
+        """The node's conflist; with ``node_address`` pods route the Service CIDR via their node."""
+        conf: dict[str, Any] = {
             "cniVersion": "1.0.0",
             "name": "netctl",
             "plugins": [{
@@ -375,6 +379,9 @@ class Lab:
                 "agentSocket": str(self.cni_agent_socket(node.name)),
             }],
         }
+        if node_address:
+            conf["plugins"][0].update(serviceCidr=self.topology.service_cidr, nodeAddress=node_address)
+        return conf
 
     def _start_nodes(self) -> None:
         bin_dir = self._cni_bin_dir()
@@ -392,7 +399,8 @@ class Lab:
         node_dir = self.run_dir / "nodes" / node.name
         conf_dir = node_dir / "cni-conf"
         conf_dir.mkdir(parents=True, exist_ok=True)
-        (conf_dir / "10-netctl.conflist").write_text(json.dumps(self.cni_conflist(node), indent=2))
+        conflist = self.cni_conflist(node, nic.ip if self.services else None)
+        (conf_dir / "10-netctl.conflist").write_text(json.dumps(conflist, indent=2))
         rt = NodeRuntime(
             node.name, netns, mgmt_ip, node_dir / "runtime", self.cp, bin_dir, conf_dir,
             labels={TENANT_LABEL: node.tenant}, prefix=self.prefix,
@@ -403,6 +411,21 @@ class Lab:
         self.state.save()
         self.start_cni_agent(node)
         rt.start()
+        if self.services:
+            self.start_kproxy(node)
+
+    def start_kproxy(self, node: NodeSpec) -> None:
+        """kproxy in the node VM, with the tenant-scoped credentials the controller maintains."""
+        from netctl.lab.service_path import kproxy_daemon, kproxy_kubeconfig, node_sysctls
+
+        netns = self.node_netns(node.name)
+        node_dir = self.run_dir / "nodes" / node.name
+        node_sysctls(netns)
+        kubeconfig = kproxy_kubeconfig(self.cp, node.tenant, node_dir / "kproxy.kubeconfig")
+        daemon = kproxy_daemon(_venv_bin("kproxy"), node.name, netns, node_dir, kubeconfig,
+                               self.topology.service_cidr)
+        daemon.start()
+        self.kproxies[node.name] = daemon
 
     def attach_node_nic(self, node: NodeSpec, netns: str) -> Any:
         """What the IaaS does for a VM: a port on the tenant network, plugged as the VM's `eth1`."""
@@ -431,7 +454,8 @@ class Lab:
             selector["kubernetes.io/hostname"] = pod.node
         return {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod.name, "namespace": t.namespace, "labels": {"app": "netctl-demo"}},
+            "metadata": {"name": pod.name, "namespace": t.namespace,
+                         "labels": {"app": "netctl-demo", "netctl.io/lab-pod": pod.name}},
             "spec": {
                 "nodeSelector": selector,
                 "terminationGracePeriodSeconds": 1,
