@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from netctl import ipam
+from netctl.iaas import ovn as ovn_backend
 from netctl.iaas.base import (
     IaaSConflict,
     IaaSError,
@@ -291,6 +292,160 @@ def test_concurrent_clients_never_collide(ovn_env: OvnEnv) -> None:
     finally:
         for c in clients:
             c.close()
+
+
+def _index_matches_replica(iaas: OvnIaaS, switch: str) -> None:
+    """The incrementally kept address index of `switch` equals one derived from scratch."""
+    idl: Any = iaas._api.idl
+    with iaas._api.ovsdb_connection.lock:
+        assert not idl.index_stale
+        ls = iaas._api.lookup("Logical_Switch", switch)
+        state = idl.switches[ls.uuid]
+        members = {p.uuid for p in ls.ports}
+        expected: dict[int, int] = {}
+        for p in ls.ports:
+            for ip in ovn_backend._row_ips(p):
+                expected[ip] = expected.get(ip, 0) + 1
+        assert state.members == members
+        assert state.held == expected
+
+
+def _wait_replica(iaas: OvnIaaS, pred: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "the replica did not catch up"
+        time.sleep(0.02)
+
+
+def test_allocation_does_not_walk_the_switch(ovn_env: OvnEnv, iaas: OvnIaaS,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Allocating costs O(ports in the transaction): the switch's ports are not re-read, only
+    the new ports' addresses are parsed (once per notification), and the index stays exact."""
+    t = tenant_name(ovn_env, "o1")
+    net = iaas.ensure_network(NetworkSpec(t, "10.67.0.0/20", "10.67.0.1"))
+    iaas.create_ports(net, [PortRequest(f"pod-o1-{i}", pod_owner(t, f"o{i}")) for i in range(300)])
+    walked: list[int] = []
+    parsed: list[int] = []
+    real_uuids, real_ips = ovn_backend._port_uuids, ovn_backend._row_ips
+
+    def count_uuids(ls: Any) -> Any:
+        walked.append(1)
+        return real_uuids(ls)
+
+    def count_ips(lsp: Any) -> Any:
+        parsed.append(1)
+        return real_ips(lsp)
+
+    monkeypatch.setattr(ovn_backend, "_port_uuids", count_uuids)
+    monkeypatch.setattr(ovn_backend, "_row_ips", count_ips)
+    iaas.create_port(net, pod_owner(t, "one"), "pod-o1-one")
+    iaas.create_ports(net, [PortRequest(f"pod-o1-x{i}", pod_owner(t, f"x{i}")) for i in range(10)])
+    assert walked == [] and len(parsed) <= 2 * 11
+    monkeypatch.undo()
+    _index_matches_replica(iaas, net.id)
+    iaas.delete_ports([f"pod-o1-{i}" for i in range(0, 300, 3)])
+    _index_matches_replica(iaas, net.id)
+    with iaas._api.ovsdb_connection.lock:
+        ls_uuid = iaas._api.lookup("Logical_Switch", net.id).uuid
+    iaas.delete_network(t)
+    assert ls_uuid not in iaas._api.idl.switches
+
+
+def test_foreign_ports_on_the_switch_are_respected(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
+    """An address held by a port someone else put on the switch (ovn-nbctl here) is never handed
+    out; once that port is gone or readdressed, the index follows."""
+    t = tenant_name(ovn_env, "fgn")
+    net = iaas.ensure_network(NetworkSpec(t, "10.68.0.0/29", "10.68.0.1"))  # .2-.6 usable
+    foreign = f"{ovn_env.prefix}-foreign"
+    ovn_env.nbctl("lsp-add", net.id, foreign, "--", "lsp-set-addresses", foreign, "0a:00:00:00:00:04 10.68.0.4")
+    lookup = iaas._api.lookup
+    _wait_replica(iaas, lambda: lookup("Logical_Switch_Port", foreign, default=None) is not None)
+    ports = iaas.create_ports(net, [PortRequest(f"pod-fg-{i}", pod_owner(t, f"g{i}")) for i in range(4)])
+    assert sorted(p.ip for p in ports) == ["10.68.0.2", "10.68.0.3", "10.68.0.5", "10.68.0.6"]
+    with pytest.raises(SubnetExhausted):
+        iaas.create_port(net, pod_owner(t, "g4"), "pod-fg-4")
+    _index_matches_replica(iaas, net.id)
+    # readdressed by its owner: .4 is free, .3 (freed by us below) is the foreign port's now
+    iaas.delete_port("pod-fg-1")
+    ovn_env.nbctl("lsp-set-addresses", foreign, "0a:00:00:00:00:03 10.68.0.3")
+    _wait_replica(iaas, lambda: "10.68.0.3" in " ".join(lookup("Logical_Switch_Port", foreign).addresses))
+    _index_matches_replica(iaas, net.id)
+    assert iaas.create_port(net, pod_owner(t, "g5"), "pod-fg-5").ip == "10.68.0.4"
+    ovn_env.nbctl("lsp-del", foreign)
+    _wait_replica(iaas, lambda: lookup("Logical_Switch_Port", foreign, default=None) is None)
+    assert iaas.create_port(net, pod_owner(t, "g6"), "pod-fg-6").ip == "10.68.0.3"
+    _index_matches_replica(iaas, net.id)
+    iaas.delete_network(t)
+
+
+def test_failed_batch_leaks_no_address(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
+    """A batch that fails after allocating part of it gives those addresses back."""
+    t, other = tenant_name(ovn_env, "leak"), tenant_name(ovn_env, "leak2")
+    net = iaas.ensure_network(NetworkSpec(t, "10.69.0.0/29", "10.69.0.1"))  # 5 usable
+    net2 = iaas.ensure_network(NetworkSpec(other, "10.69.8.0/29", "10.69.8.1"))
+    iaas.create_port(net2, pod_owner(other, "z"), "pod-leak-elsewhere")
+    for _ in range(3):
+        with pytest.raises(IaaSConflict):  # 4 addresses allocated, then a port of another network
+            iaas.create_ports(net, [*(PortRequest(f"pod-leak-{i}", pod_owner(t, f"l{i}")) for i in range(4)),
+                                    PortRequest("pod-leak-elsewhere", None)])
+    assert iaas.list_ports(t) == []
+    ports = iaas.create_ports(net, [PortRequest(f"pod-leak-{i}", pod_owner(t, f"l{i}")) for i in range(5)])
+    assert len({p.ip for p in ports}) == 5
+    _index_matches_replica(iaas, net.id)
+    iaas.delete_network(t)
+    iaas.delete_network(other)
+
+
+_ALLOCATOR_PROCESS = """
+import json, sys
+from netctl.iaas.base import PortOwner, PortRequest
+from netctl.iaas import ovn as ovn_backend
+from netctl.iaas.ovn import OvnIaaS
+conn, tenant, tag = sys.argv[1:4]
+with OvnIaaS(conn, timeout=60) as iaas:
+    net = iaas.get_network(tenant)
+    ips = []
+    for b in range(12):
+        if b % 3 == 0:
+            ips.append(iaas.create_port(net, PortOwner("pod", f"{tag}-{b}", "default", f"u-{tag}-{b}", tenant),
+                                        f"pod-{tag}-{b}").ip)
+        else:
+            reqs = [PortRequest(f"pod-{tag}-{b}-{i}", PortOwner("pod", f"{tag}-{b}-{i}", "default",
+                                                               f"u-{tag}-{b}-{i}", tenant)) for i in range(8)]
+            ips.extend(p.ip for p in iaas.create_ports(net, reqs))
+    print(json.dumps(ips))
+"""
+
+
+def test_processes_allocating_at_once_never_collide(ovn_env: OvnEnv) -> None:
+    """Three controller processes allocating into one switch at once (single ports and batches):
+    the generation verify makes OVSDB re-run the losers against their refreshed index."""
+    t = tenant_name(ovn_env, "procs")
+    conn = ovn_env.ovn.nb_connection
+    iaas = OvnIaaS(conn, timeout=60)
+    try:
+        net = iaas.ensure_network(NetworkSpec(t, "10.70.0.0/23", "10.70.0.1"))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        procs = [subprocess.Popen([sys.executable, "-c", _ALLOCATOR_PROCESS, conn, t, f"w{k}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for k in range(3)]
+        results = [p.communicate(timeout=180) for p in procs]
+        for p, (_, err) in zip(procs, results, strict=True):
+            assert p.returncode == 0, err
+        ips = [ip for out, _ in results for ip in json.loads(out)]
+        assert len(ips) == 3 * (4 + 8 * 8) and len(set(ips)) == len(ips)
+        nb = ovn_env.nbctl("--bare", "--columns=addresses", "find", "Logical_Switch_Port",
+                           f'external_ids:"netctl:tenant"="{t}"').split()
+        nb_ips = [tok for tok in nb if "." in tok]
+        assert sorted(nb_ips) == sorted(ips)
+        # this client saw all of it through notifications alone
+        _wait_replica(iaas, lambda: len(iaas.list_ports(t)) == len(ips))
+        _index_matches_replica(iaas, net.id)
+        more = iaas.create_ports(net, [PortRequest(f"pod-procs-m{i}", pod_owner(t, f"m{i}")) for i in range(10)])
+        assert not {p.ip for p in more} & set(ips)
+        iaas.delete_network(t)
+    finally:
+        iaas.close()
 
 
 def test_subnet_exhausted(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:

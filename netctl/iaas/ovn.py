@@ -14,8 +14,10 @@ IPAM (`addresses=dynamic` + `other_config:subnet`, deliberately never set here):
   * it behaves like the OpenStack backend, where Neutron hands back the address synchronously.
 The used set is the addresses held by the switch's ports in ovsdbapp's in-memory replica (current:
 ovsdbapp applies a committed transaction's rows before returning), so a restarted controller
-cannot hand out an address twice (each port's parsed addresses are cached and dropped when the
-replica reports the port changed, so this costs a dict lookup per port). Allocation runs inside
+cannot hand out an address twice. It is kept incrementally (`_NbIdl`): a port's addresses are
+parsed when the replica reports the port created or readdressed, a switch's membership follows the
+changes of its `ports` column, and the switch's allocator is told of every address taken or freed,
+so an allocating transaction costs O(ports it creates), not O(ports on the switch). Allocation runs inside
 the transaction (in ovsdbapp's connection thread, which commits transactions one at a time); each
 allocating transaction bumps a generation on the switch and verifies the switch's external_ids,
 so if another netctl process allocated meanwhile, OVSDB answers "try again" and ovsdbapp re-runs
@@ -30,11 +32,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from ovs.db import idl as ovs_idl
 from ovsdbapp import exceptions as ovsdb_exc
 from ovsdbapp.backend.ovs_idl import command as ovsdb_command
 from ovsdbapp.backend.ovs_idl import connection as ovsdb_connection
@@ -75,6 +79,8 @@ K_POD_UID = "netctl:pod-uid"
 K_NAMESPACE = "netctl:namespace"
 K_POD = "netctl:pod"
 K_NODE = "netctl:node"
+# the Logical_Switch_Port columns whose addresses count as held
+_ADDRESS_COLUMNS = ("addresses", "dynamic_addresses", "port_security")
 REQUESTED_CHASSIS = "requested-chassis"
 
 LS = "Logical_Switch"
@@ -90,55 +96,257 @@ _NbApi = per_instance_connection(OvnNbApiIdlImpl)
 
 
 def _ipv4_tokens(entries: Iterable[str]) -> Iterator[int]:
-    """Single IPv4 addresses (or /32s) mentioned in `addresses`/`port_security` entries, as ints."""
+    """Single IPv4 addresses (or /32s) mentioned in `addresses`/`port_security` entries, as ints
+    (parsed as OVN does, with inet_pton; MACs, IPv6 and keywords are skipped)."""
     for entry in entries:
         for token in entry.split():
+            if "." not in token:
+                continue
             addr, _, plen = token.partition("/")
             if plen not in ("", "32"):
                 continue
             try:
-                yield int(ipaddress.IPv4Address(addr))
-            except ValueError:
+                yield int.from_bytes(socket.inet_pton(socket.AF_INET, addr), "big")
+            except OSError:
                 continue
 
 
-def _row_ips(lsp: Any) -> tuple[int, ...]:
+def _strings(row: Any, column: str) -> Iterable[str]:
+    """A string set column, read from the raw datum (no per-read conversion of the row)."""
+    try:
+        return [atom.value for atom in row._data[column].values]
+    except (AttributeError, KeyError, TypeError):
+        return getattr(row, column)
+
+
+def _row_ips(lsp: Any) -> frozenset[int]:
     """Every IPv4 address a port holds or may use, ours or not (conservative)."""
-    return (*_ipv4_tokens(lsp.addresses), *_ipv4_tokens(lsp.dynamic_addresses),
-            *_ipv4_tokens(lsp.port_security))
+    return frozenset(_ipv4_tokens(itertools.chain(*(_strings(lsp, c) for c in _ADDRESS_COLUMNS))))
 
 
 def _port_uuids(ls: Any) -> list[uuid.UUID]:
     """The switch's port UUIDs. Reads the raw datum: `ls.ports` would build a Row object per
-    port (~25 ms per 1,000 ports here), too slow to do in every allocating transaction."""
+    port (~25 ms per 1,000 ports here)."""
     datum = getattr(ls, "_data", None)
     if datum is not None and "ports" in datum:
         return [atom.value for atom in datum["ports"].values]
     return [row.uuid for row in ls.ports]
 
 
-class _NbIdl(ovsdb_connection.OvsdbIdl):
-    """Keeps a per-port cache of the addresses each Logical_Switch_Port holds, dropped whenever
-    the replica reports the row changed, so the used set of a switch costs a dict lookup per port
-    instead of parsing every port in every allocating transaction. Touched only in ovsdbapp's
-    connection thread (notify runs in idl.run(), commands in do_commit)."""
+def _n_ports(ls: Any) -> int:
+    datum = getattr(ls, "_data", None)
+    if datum is not None and "ports" in datum:
+        return len(datum["ports"].values)
+    return len(ls.ports)
 
-    port_ips: dict[uuid.UUID, tuple[int, ...]]
+
+
+class _SwitchState:
+    """What one logical switch's ports hold, maintained incrementally from the replica's change
+    notifications, and the switch's allocator kept in step with it (touched only in ovsdbapp's
+    connection thread)."""
+
+    __slots__ = ("alloc", "held", "hi", "inflight", "lo", "members", "net")
+
+    def __init__(self) -> None:
+        self.members: set[uuid.UUID] = set()
+        self.held: dict[int, int] = {}  # address -> how many member ports hold it (>= 1)
+        self.net: Network | None = None  # the definition `alloc` was built for
+        self.alloc: ipam.SubnetAllocator | None = None
+        self.lo = self.hi = 0  # the allocator's host range
+        # handed out by an attempt that has not (yet) been seen to commit: held by the allocator
+        # only; released again unless a port turns up holding them
+        self.inflight: set[int] = set()
+
+    def hold(self, ips: frozenset[int]) -> None:
+        held, alloc = self.held, self.alloc
+        for ip in ips:
+            n = held.get(ip, 0)
+            held[ip] = n + 1
+            if n == 0 and alloc is not None and self.lo <= ip <= self.hi:
+                alloc.mark_used(str(ipaddress.IPv4Address(ip)))
+
+    def drop(self, ips: frozenset[int]) -> None:
+        held, alloc = self.held, self.alloc
+        for ip in ips:
+            n = held.get(ip, 0)
+            if n > 1:
+                held[ip] = n - 1
+                continue
+            held.pop(ip, None)
+            if alloc is not None and ip not in self.inflight and self.lo <= ip <= self.hi:
+                alloc.release(str(ipaddress.IPv4Address(ip)))
+
+    def allocator(self, net: Network, last: str | None) -> ipam.SubnetAllocator:
+        """The allocator for the switch's current definition; rebuilt (seeded with the held set
+        and the persisted rotation cursor) when that changed or on first use."""
+        if self.alloc is None or self.net != net:
+            alloc = ipam.SubnetAllocator(net.cidr, net.reserved, gateway=net.gateway, last=last)
+            alloc.sync(self.held)
+            network = alloc.network
+            self.lo, self.hi = int(network.network_address) + 1, int(network.broadcast_address) - 1
+            self.alloc, self.net = alloc, net
+            self.inflight.clear()
+        return self.alloc
+
+    def settle(self) -> None:
+        """Forget a failed attempt's addresses (those no port holds go back to the allocator)."""
+        if self.inflight:
+            alloc = self.alloc
+            if alloc is not None:
+                for ip in self.inflight:
+                    if ip not in self.held:
+                        alloc.release(str(ipaddress.IPv4Address(ip)))
+            self.inflight.clear()
+
+
+class _NbIdl(ovsdb_connection.OvsdbIdl):
+    """The NB replica plus an index of the addresses each logical switch's ports hold, maintained
+    from the replica's change notifications: a port's addresses are parsed once when it is
+    created or its address columns change, and a switch's membership follows the changes of its
+    `ports` column, so allocating costs O(ports in the transaction), not O(ports on the switch).
+    Touched only in ovsdbapp's connection thread (notify runs in idl.run(), commands in
+    do_commit). When the replica is re-read from scratch the index is too (`_Idl__clear`); if it
+    is ever found out of step with the replica (a failed notification, a member count that does
+    not match), it is rebuilt from the replica before the next allocation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.port_ips: dict[uuid.UUID, frozenset[int]] = {}
+        self.port_switches: dict[uuid.UUID, set[uuid.UUID]] = {}
+        self.switches: dict[uuid.UUID, _SwitchState] = {}
+        self.index_stale = False
+        super().__init__(*args, **kwargs)
+
+    # -- maintenance (notifications) ------------------------------------------------------------
 
     def notify(self, event: Any, row: Any, updates: Any = None) -> None:
         table = getattr(row, "_table", None)
-        if table is not None and table.name == LSP:
-            self.port_ips.pop(row.uuid, None)
+        name = table.name if table is not None else None
+        if name in (LSP, LS) and not self.index_stale:
+            try:
+                if name == LSP:
+                    self._port_changed(event, row, updates)
+                else:
+                    self._switch_changed(event, row, updates)
+            except Exception:  # never break the replica; rebuild the index before its next use
+                LOG.exception("address index out of step; it will be rebuilt")
+                self.index_stale = True
         super().notify(event, row, updates)
 
+    def _Idl__clear(self) -> None:
+        """ovs.db.idl drops the replica before a full dump (the first connect, or a reconnect
+        that could not resume) without a notification per row; every row then comes back as a
+        create, which rebuilds the index from nothing."""
+        super()._Idl__clear()
+        self.port_ips = {}
+        self.port_switches = {}
+        self.switches = {}
+        self.index_stale = False
+
+    def _port_changed(self, event: str, row: Any, updates: Any) -> None:
+        if event == ovs_idl.ROW_DELETE:
+            self._set_port_ips(row.uuid, frozenset())
+            self.port_ips.pop(row.uuid, None)
+        elif event == ovs_idl.ROW_CREATE:
+            self._set_port_ips(row.uuid, _row_ips(row))
+        else:
+            old = getattr(updates, "_data", None)
+            if old is None or any(c in old for c in _ADDRESS_COLUMNS):
+                self._set_port_ips(row.uuid, _row_ips(row))
+
+    def _switch_changed(self, event: str, row: Any, updates: Any) -> None:
+        if event == ovs_idl.ROW_DELETE:
+            state = self.switches.pop(row.uuid, None)
+            if state is not None:
+                for p in state.members:
+                    self._forget_member(p, row.uuid)
+        elif event == ovs_idl.ROW_CREATE or row.uuid not in self.switches:
+            self._reindex_switch(row)
+        else:
+            old = getattr(updates, "_data", None)
+            if old is None:
+                self._reindex_switch(row)
+            elif "ports" in old:
+                now = row._data["ports"].values
+                state = self.switches[row.uuid]
+                # the symmetric difference of the two datums' keys (C-level, by stored hashes):
+                # the ports added to or removed from the switch
+                for atom in now.keys() ^ old["ports"].values.keys():
+                    if atom in now:
+                        self._add_member(state, atom.value, row.uuid)
+                    else:
+                        state.members.discard(atom.value)
+                        state.drop(self.port_ips.get(atom.value, frozenset()))
+                        self._forget_member(atom.value, row.uuid)
+
+    def _set_port_ips(self, port: uuid.UUID, ips: frozenset[int]) -> None:
+        old = self.port_ips.get(port, frozenset())
+        self.port_ips[port] = ips
+        if old != ips:
+            for sw in self.port_switches.get(port, ()):
+                state = self.switches[sw]
+                state.drop(old)
+                state.hold(ips)
+
+    def _add_member(self, state: _SwitchState, port: uuid.UUID, switch: uuid.UUID) -> None:
+        if port in state.members:
+            return
+        state.members.add(port)
+        self.port_switches.setdefault(port, set()).add(switch)
+        ips = self.port_ips.get(port)
+        if ips is None:
+            prow = self.tables[LSP].rows.get(port)
+            ips = self.port_ips[port] = _row_ips(prow) if prow is not None else frozenset()
+        state.hold(ips)
+
+    def _forget_member(self, port: uuid.UUID, switch: uuid.UUID) -> None:
+        sws = self.port_switches.get(port)
+        if sws is not None:
+            sws.discard(switch)
+            if not sws:
+                del self.port_switches[port]
+
+    def _reindex_switch(self, ls: Any) -> None:
+        old = self.switches.get(ls.uuid)
+        state = _SwitchState()
+        if old is not None:  # keep the allocator (its rotation and in-flight addresses)
+            for p in old.members:
+                self._forget_member(p, ls.uuid)
+            state.net, state.alloc, state.lo, state.hi = old.net, old.alloc, old.lo, old.hi
+            state.inflight = old.inflight
+        self.switches[ls.uuid] = state
+        for p in _port_uuids(ls):
+            self._add_member(state, p, ls.uuid)
+        if state.alloc is not None:  # resync the kept allocator with what is held now
+            state.alloc.sync([*state.held, *state.inflight])
+
+    def rebuild_index(self) -> None:
+        """Re-derive the whole index from the replica (after a reload, or if it went astray)."""
+        self.port_ips = {}
+        self.port_switches = {}
+        self.index_stale = False
+        for ls in list(self.tables[LS].rows.values()):
+            self._reindex_switch(ls)
+        for sw in [u for u in self.switches if u not in self.tables[LS].rows]:
+            del self.switches[sw]
+
+    # -- use (inside an allocating transaction) -------------------------------------------------
+
+    def switch_state(self, ls: Any) -> _SwitchState:
+        """The switch's index entry, checked cheaply against the replica (rebuilt if stale)."""
+        if self.index_stale:
+            self.rebuild_index()
+        state = self.switches.get(ls.uuid)
+        if state is None or len(state.members) != _n_ports(ls):
+            if state is not None:
+                LOG.warning("address index of %s out of step with the replica; rebuilding", ls.name)
+            self._reindex_switch(ls)
+            state = self.switches[ls.uuid]
+        return state
+
     def used_ips(self, ls: Any) -> set[int]:
-        uuids = _port_uuids(ls)
-        cached = list(map(self.port_ips.get, uuids))
-        rows = self.tables[LSP].rows
-        for i in [i for i, ips in enumerate(cached) if ips is None]:  # new/changed: parse that row
-            row = rows.get(uuids[i])
-            cached[i] = self.port_ips[uuids[i]] = _row_ips(row) if row is not None else ()
-        return set(itertools.chain.from_iterable(ips for ips in cached if ips))
+        """Every address held by the switch's ports (from the index)."""
+        return set(self.switch_state(ls).held)
 
 
 def _network_from_row(ls: Any) -> Network | None:
@@ -225,11 +433,27 @@ class _CreatePorts(ovsdb_command.BaseCommand):
         # Optimistic concurrency with other netctl processes: every allocating transaction bumps
         # the switch's netctl:alloc-gen, and each verifies external_ids is what it read, so a
         # concurrent allocation makes OVSDB answer "try again" and ovsdbapp re-runs this against
-        # the refreshed replica. (Verifying `ports` instead would ship the whole port list in
-        # every transaction: ~40 ms per port at 5,000 ports per switch.)
+        # the refreshed replica (and index). A few keys, whatever the switch's size. (Verifying
+        # `ports` instead would ship the whole port list in every transaction.)
         ls.verify("external_ids")
-        alloc = self.iaas._allocator(net, ls)
-        alloc.sync(self.api.idl.used_ips(ls))
+        state = self.api.idl.switch_state(ls)
+        state.settle()  # a previous attempt (this one re-running, or one that failed) is over
+        alloc = state.allocator(net, ls.external_ids.get(K_LAST_IP))
+        try:
+            self.result = self._create(txn, ls, net, state, alloc)
+        except BaseException:
+            state.settle()
+            raise
+        self._state = state
+
+    def post_commit(self, txn: Any) -> None:
+        # committed: the ports (already in the replica) hold what this attempt handed out
+        state = getattr(self, "_state", None)
+        if state is not None:
+            state.inflight.clear()
+
+    def _create(self, txn: Any, ls: Any, net: Network, state: _SwitchState,
+                alloc: ipam.SubnetAllocator) -> list[Port]:
         done: dict[str, Port] = {}
         last = None
         for req in self.requests:
@@ -249,13 +473,14 @@ class _CreatePorts(ovsdb_command.BaseCommand):
                 ip = alloc.allocate(req.port_id)
             except ipam.SubnetExhausted as e:
                 raise SubnetExhausted(f"network {net.id}: {e}") from None
+            state.inflight.add(int(ipaddress.IPv4Address(ip)))
             done[req.port_id] = self._insert(txn, ls, net, req, ip)
             last = ip
         if last is not None:
             gen = ls.external_ids.get(K_GENERATION, "0")
             ls.setkey("external_ids", K_GENERATION, str(int(gen) + 1 if gen.isdigit() else 1))
             ls.setkey("external_ids", K_LAST_IP, last)
-        self.result = [done[r.port_id] for r in self.requests]
+        return [done[r.port_id] for r in self.requests]
 
     def _insert(self, txn: Any, ls: Any, net: Network, req: PortRequest, ip: str) -> Port:
         mac = ipam.mac_for_ip(ip)
@@ -308,10 +533,8 @@ class OvnIaaS(IaaS):
         self.chassis_of: Callable[[str], str] = chassis_of or (lambda node: node)
         self._guard = threading.Lock()
         self._switch_locks: dict[str, threading.Lock] = {}
-        self._allocators: dict[str, tuple[Network, ipam.SubnetAllocator]] = {}
         try:
             idl = _NbIdl.from_server(nb_connection, "OVN_Northbound")
-            idl.port_ips = {}
             self._api = _NbApi(ovsdb_connection.Connection(idl, timeout))
         except Exception as e:  # ovs raises plain Exception when the schema cannot be fetched
             raise IaaSUnavailable(f"OVN NB {nb_connection} unreachable: {e}") from e
@@ -339,17 +562,6 @@ class OvnIaaS(IaaS):
     def _switch_lock(self, switch: str) -> threading.Lock:
         with self._guard:
             return self._switch_locks.setdefault(switch, threading.Lock())
-
-    def _allocator(self, net: Network, ls: Any) -> ipam.SubnetAllocator:
-        """The switch's allocator, rebuilt when its definition changed (seeded from last-ip)."""
-        with self._guard:
-            cached = self._allocators.get(net.id)
-            if cached is None or cached[0] != net:
-                alloc = ipam.SubnetAllocator(net.cidr, net.reserved, gateway=net.gateway,
-                                             last=ls.external_ids.get(K_LAST_IP))
-                self._allocators[net.id] = (net, alloc)
-                return alloc
-            return cached[1]
 
     # -- networks -----------------------------------------------------------------------------
 
@@ -387,8 +599,6 @@ class OvnIaaS(IaaS):
         name = switch_name(tenant)
         with self._switch_lock(name):
             self._commit(self._api.ls_del(name, if_exists=True))
-            with self._guard:
-                self._allocators.pop(name, None)
 
     def list_networks(self) -> list[Network]:
         with self._api.ovsdb_connection.lock:
