@@ -13,7 +13,7 @@ import secrets
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from netctl.kube.client import new_api_client
 from netctl.kube.leader import ApiLeaseStore
 from netctl.lab.lab import Lab
 from netctl.lab.topology import NodeSpec, PodSpec, TenantSpec, Topology
+from netns_tests.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -39,17 +40,6 @@ DOOMED = ("doomed-1", "doomed-2")
 NEWCOMERS = ("new-1", "new-2")
 
 T = TypeVar("T")
-
-
-def wait_for(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def healthy(url: str | None) -> bool:
@@ -78,7 +68,8 @@ def metric(url: str, name: str, **labels: str) -> float:
 def lab() -> Iterator[Lab]:
     prefix = "nh" + secrets.token_hex(2)
     topo = Topology(
-        (TENANT,), (NodeSpec(NODE, TENANT.name),),
+        (TENANT,),
+        (NodeSpec(NODE, TENANT.name),),
         tuple(PodSpec(name, TENANT.name, NODE) for name in (*KEEP, *DOOMED)),
     )
     run_dir = Path("/var/lib/netctl/test") / prefix
@@ -102,13 +93,20 @@ class LeaseWatch:
 
 
 def nbctl(lab: Lab, *args: str) -> str:
-    return subprocess.run(["ovn-nbctl", f"--db={lab.ovn.nb_connection}", *args],
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["ovn-nbctl", f"--db={lab.ovn.nb_connection}", *args], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def pod_lsps(lab: Lab) -> list[dict[str, str]]:
-    out = nbctl(lab, "--format=json", "--columns=name,external_ids", "find", "Logical_Switch_Port",
-                "external_ids:netctl\\:owner=pod")
+    out = nbctl(
+        lab,
+        "--format=json",
+        "--columns=name,external_ids",
+        "find",
+        "Logical_Switch_Port",
+        "external_ids:netctl\\:owner=pod",
+    )
     rows = []
     for name, ext in json.loads(out)["data"]:
         ids = dict(ext[1])
@@ -127,8 +125,8 @@ def pods_by_name(lab: Lab) -> dict[str, dict[str, Any]]:
 
 def test_standby_takes_over_after_sigkill_and_reconciles_the_gap(lab: Lab) -> None:
     leases = LeaseWatch(lab)
-    wait_for(lambda: healthy(lab.controller_url(1)), 60, "the standby's informers to sync (/healthz)")
-    leader = lab.replica_of(wait_for(leases.holder, 30, "a lease holder"))
+    wait_for(lambda: healthy(lab.controller_url(1)), timeout=60, what="the standby's informers to sync (/healthz)")
+    leader = lab.replica_of(wait_for(leases.holder, timeout=30, what="a lease holder"))
     assert leader == 0, f"replica 0 started first and should lead, lease says {leases.holder()}"
     standby = 1
     standby_id = lab.controller_identity(standby)
@@ -136,7 +134,8 @@ def test_standby_takes_over_after_sigkill_and_reconciles_the_gap(lab: Lab) -> No
     time.sleep(2 * RETRY_S)  # the standby has certainly campaigned (and lost) at least once
     assert leases.holder() == lab.controller_identity(leader), "the standby took the lease from a live leader"
     assert metric(lab.controller_url(standby) or "", "netctl_resync_duration_seconds_count") == 0, (
-        "the standby reconciled while not leading")
+        "the standby reconciled while not leading"
+    )
 
     before = pods_by_name(lab)
     doomed_ports = {f"pod-{before[n]['metadata']['uid']}" for n in DOOMED}
@@ -148,23 +147,29 @@ def test_standby_takes_over_after_sigkill_and_reconciles_the_gap(lab: Lab) -> No
     assert lab.controllers[leader].pid is None
     # While nobody leads: pods go, pods arrive. Forced deletion removes the API objects at once (the
     # kubelet tears the sandboxes down afterwards), so the deletions certainly fall into the gap.
-    lab.cp.kubectl("delete", "pod", "-n", NS, *DOOMED, "--grace-period=0", "--force", "--wait=true",
-                   "--timeout=30s")
+    lab.cp.kubectl("delete", "pod", "-n", NS, *DOOMED, "--grace-period=0", "--force", "--wait=true", "--timeout=30s")
     assert not set(DOOMED) & set(pods_by_name(lab))
     lab.create_pods(tuple(PodSpec(n, TENANT.name, NODE) for n in NEWCOMERS))
     gap_s = time.monotonic() - killed_at
     assert leases.holder() == lab.controller_identity(leader), (
-        f"the gap closed after {gap_s:.1f} s, before the churn was done: the test proves nothing")
+        f"the gap closed after {gap_s:.1f} s, before the churn was done: the test proves nothing"
+    )
 
-    wait_for(lambda: leases.holder() == standby_id, TAKEOVER_BOUND_S + 5, "the standby to take the lease",
-             interval=0.05)
+    wait_for(
+        lambda: leases.holder() == standby_id,
+        timeout=TAKEOVER_BOUND_S + 5,
+        what="the standby to take the lease",
+        interval=0.05,
+    )
     takeover_s = time.monotonic() - killed_at
-    print(f"\ntakeover: {takeover_s:.2f} s after SIGKILL (lease {LEASE_S} s, renew {RENEW_S} s, "
-          f"retry {RETRY_S} s; churn done {gap_s:.2f} s after the kill)")
+    print(
+        f"\ntakeover: {takeover_s:.2f} s after SIGKILL (lease {LEASE_S} s, renew {RENEW_S} s, "
+        f"retry {RETRY_S} s; churn done {gap_s:.2f} s after the kill)"
+    )
     assert takeover_s < TAKEOVER_BOUND_S
 
     # The new leader reconciles the gap: deleted pods' ports go, new pods get ports and annotations.
-    wait_for(lambda: not (doomed_ports & port_names(lab)), 30, "the deleted pods' ports to go")
+    wait_for(lambda: not (doomed_ports & port_names(lab)), timeout=30, what="the deleted pods' ports to go")
     running = {p["metadata"]["name"]: p for p in lab.wait_pods_running(set(KEEP) | set(NEWCOMERS), timeout=90)}
     converged_s = time.monotonic() - killed_at
     print(f"converged (ports gone, new pods Running): {converged_s:.2f} s after SIGKILL")

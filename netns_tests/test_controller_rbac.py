@@ -20,7 +20,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from netctl.controller.app import Controller, ControllerOptions
 from netctl.kube.client import api_path, new_api_client, request_json
 from netctl.kube.resources import KubeWriter
 from netctl.lab.k8s import CONTROLLER, K8S_BINARIES, ControlPlane, k8s_bin_dirs
+from netns_tests.waiting import wait_for
 from tests.fakes import FakeIaaS, FakeRecorder
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
@@ -46,17 +47,6 @@ SANITY_S = 20.0
 RESYNC_S = 1.0
 
 Obj = dict[str, Any]
-
-
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = SANITY_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 def metric(kind: str, result: str) -> float:

@@ -26,9 +26,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from kubernetes import client as k8s
 from netctl.kube.client import api_path, new_api_client, request_json
 from netctl.lab.k8s import K8S_BINARIES, ControlPlane, k8s_bin_dirs
 from netctl.lab.procs import free_port
+from netns_tests.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -81,17 +81,6 @@ print(json.dumps(hits))
 
 def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = SANITY_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from netctl.kube.informer import ApiListWatch, Informer, key_of, resource_versio
 from netctl.kube.leader import ApiLeaseStore, LeaderElector
 from netctl.kube.resources import KubeWriter
 from netctl.lab.k8s import K8S_BINARIES, ControlPlane, k8s_bin_dirs
+from netns_tests.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 log = logging.getLogger(__name__)
@@ -122,17 +123,6 @@ def fake_node(api: k8s.ApiClient, prefix: str) -> Iterator[Obj]:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = SANITY_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.02)
 
 
 class Seen:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import time
 from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
@@ -20,6 +19,7 @@ from netctl.annotations import PORT_ANNOTATION, PortAnnotation
 from netctl.lab.lab import POD_PORT, Lab
 from netctl.lab.probe import probe_matrix, tcp_probe
 from netctl.lab.topology import PodSpec, demo
+from netns_tests.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -35,19 +35,27 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def nbctl(lab: Lab, *args: str) -> str:
-    return subprocess.run(["ovn-nbctl", f"--db={lab.ovn.nb_connection}", *args],
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["ovn-nbctl", f"--db={lab.ovn.nb_connection}", *args], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def vsctl(lab: Lab, *args: str) -> str:
-    return subprocess.run(["ovs-vsctl", f"--db={lab.ovs.db_connection}", *args],
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["ovs-vsctl", f"--db={lab.ovs.db_connection}", *args], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def pod_lsps(lab: Lab) -> list[dict[str, str]]:
     """Every pod-owned logical switch port: name plus its external_ids."""
-    out = nbctl(lab, "--format=json", "--columns=name,external_ids", "find", "Logical_Switch_Port",
-                "external_ids:netctl\\:owner=pod")
+    out = nbctl(
+        lab,
+        "--format=json",
+        "--columns=name,external_ids",
+        "find",
+        "Logical_Switch_Port",
+        "external_ids:netctl\\:owner=pod",
+    )
     data = json.loads(out)
     rows = []
     for name, ext in data["data"]:
@@ -64,17 +72,6 @@ def ovs_ifaces(lab: Lab, port_id: str) -> list[str]:
 
 def by_name(pods: list[dict]) -> dict[str, dict]:
     return {p["metadata"]["name"]: p for p in pods}
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def test_every_pod_has_its_port_annotation_and_address(lab: Lab) -> None:
@@ -118,7 +115,8 @@ def test_same_tenant_pods_on_different_nodes_talk_tcp(lab: Lab) -> None:
             for src, dst in ((a, b), (b, a)):
                 ns = lab.pod_netns(src["metadata"]["namespace"], src["metadata"]["name"], src["spec"]["nodeName"])
                 assert tcp_probe(ns, dst["status"]["podIP"], POD_PORT, timeout=3.0), (
-                    f"{src['metadata']['name']} cannot reach {dst['metadata']['name']}")
+                    f"{src['metadata']['name']} cannot reach {dst['metadata']['name']}"
+                )
                 checked += 1
     assert checked == 16  # 2 tenants x (2x2 cross-node pairs) x 2 directions
 
@@ -127,8 +125,10 @@ def test_every_cross_tenant_pair_fails(lab: Lab) -> None:
     groups = _pods_by_tenant(lab)
     (_, pa), (_, pb) = groups.items()
     pods = pa + pb
-    sources = {p["metadata"]["name"]: lab.pod_netns(p["metadata"]["namespace"], p["metadata"]["name"],
-                                                    p["spec"]["nodeName"]) for p in pods}
+    sources = {
+        p["metadata"]["name"]: lab.pod_netns(p["metadata"]["namespace"], p["metadata"]["name"], p["spec"]["nodeName"])
+        for p in pods
+    }
     targets = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
     matrix = probe_matrix(sources, targets, POD_PORT, timeout=1.0)
     tenant = {p["metadata"]["name"]: t for t, ps in groups.items() for p in ps}
@@ -149,15 +149,17 @@ def test_pod_of_another_tenant_is_refused_by_the_cni(lab: Lab) -> None:
     path.write_text(json.dumps(manifest))
     lab.cp.kubectl("apply", "-f", str(path))
     try:
+
         def refused() -> str | None:
-            out = lab.cp.kubectl("get", "events", "-n", beta_ns, "--field-selector",
-                                 "involvedObject.name=intruder", "-o", "json")
+            out = lab.cp.kubectl(
+                "get", "events", "-n", beta_ns, "--field-selector", "involvedObject.name=intruder", "-o", "json"
+            )
             for ev in json.loads(out)["items"]:
                 if ev["reason"] == "FailedCreatePodSandBox" and "tenants never share nodes" in ev["message"]:
                     return str(ev["message"])
             return None
 
-        message = wait_for(refused, 90, "the CNI's refusal as a FailedCreatePodSandBox event")
+        message = wait_for(refused, timeout=90, what="the CNI's refusal as a FailedCreatePodSandBox event")
         assert 'tenant "beta"' in message and alpha_node in message
         pod = json.loads(lab.cp.kubectl("get", "pod", "-n", beta_ns, "intruder", "-o", "json"))
         assert pod["status"].get("phase") == "Pending"
@@ -166,11 +168,18 @@ def test_pod_of_another_tenant_is_refused_by_the_cni(lab: Lab) -> None:
         assert ovs_ifaces(lab, f"pod-{pod['metadata']['uid']}") == []
     finally:
         # Wait for it to be gone, port included, so later tests see only the pods they expect.
-        uid = json.loads(lab.cp.kubectl("get", "pod", "-n", beta_ns, "intruder", "-o", "json", check=False)
-                         or "{}").get("metadata", {}).get("uid")
+        uid = (
+            json.loads(lab.cp.kubectl("get", "pod", "-n", beta_ns, "intruder", "-o", "json", check=False) or "{}")
+            .get("metadata", {})
+            .get("uid")
+        )
         lab.cp.kubectl("delete", "pod", "-n", beta_ns, "intruder", "--wait=true", "--timeout=90s", check=False)
         if uid:
-            wait_for(lambda: f"pod-{uid}" not in {p["name"] for p in pod_lsps(lab)}, 60, "the intruder's port to go")
+            wait_for(
+                lambda: f"pod-{uid}" not in {p["name"] for p in pod_lsps(lab)},
+                timeout=60,
+                what="the intruder's port to go",
+            )
 
 
 def test_deleting_a_pod_removes_its_lsp_and_ovs_port(lab: Lab) -> None:
@@ -181,8 +190,8 @@ def test_deleting_a_pod_removes_its_lsp_and_ovs_port(lab: Lab) -> None:
     assert port_id in {p["name"] for p in pod_lsps(lab)}
     assert ovs_ifaces(lab, port_id)
     lab.cp.kubectl("delete", "pod", "-n", "tenant-alpha", "short-lived", "--wait=true", "--timeout=60s")
-    wait_for(lambda: port_id not in {p["name"] for p in pod_lsps(lab)}, 30, "the LSP to go")
-    wait_for(lambda: not ovs_ifaces(lab, port_id), 30, "the OVS port to go")
+    wait_for(lambda: port_id not in {p["name"] for p in pod_lsps(lab)}, timeout=30, what="the LSP to go")
+    wait_for(lambda: not ovs_ifaces(lab, port_id), timeout=30, what="the OVS port to go")
 
 
 def test_controller_restart_creates_no_duplicates_and_leaves_no_orphans(lab: Lab) -> None:
@@ -200,7 +209,7 @@ def test_controller_restart_creates_no_duplicates_and_leaves_no_orphans(lab: Lab
 
     newcomer = by_name(lab.wait_pods_running({"newcomer"}, timeout=120))["newcomer"]
     new_port = f"pod-{newcomer['metadata']['uid']}"
-    wait_for(lambda: doomed_port not in {p["name"] for p in pod_lsps(lab)}, 60, "the orphaned port to go")
+    wait_for(lambda: doomed_port not in {p["name"] for p in pod_lsps(lab)}, timeout=60, what="the orphaned port to go")
 
     live = {f"pod-{p['metadata']['uid']}" for p in lab.pods()}
     ports = pod_lsps(lab)
@@ -218,8 +227,12 @@ def test_controller_restart_creates_no_duplicates_and_leaves_no_orphans(lab: Lab
 
 
 def _service(lab: Lab, namespace: str, name: str, selector: dict[str, str]) -> str:
-    doc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
-           "spec": {"selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": POD_PORT}]}}
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": POD_PORT}]},
+    }
     path = lab.run_dir / f"svc-{namespace}-{name}.json"
     path.write_text(json.dumps(doc))
     lab.cp.kubectl("apply", "-f", str(path))
@@ -227,8 +240,12 @@ def _service(lab: Lab, namespace: str, name: str, selector: dict[str, str]) -> s
 
 
 def _node_table(lab: Lab, node: str) -> str:
-    return subprocess.run(["nsenter", f"--net=/run/netns/{lab.node_netns(node)}", "nft", "list", "table", "ip",
-                           "kproxy"], capture_output=True, text=True, check=False).stdout
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{lab.node_netns(node)}", "nft", "list", "table", "ip", "kproxy"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
 
 
 def test_clusterip_reaches_backends_within_the_tenant_only(lab: Lab) -> None:
@@ -236,19 +253,33 @@ def test_clusterip_reaches_backends_within_the_tenant_only(lab: Lab) -> None:
     alpha_ip = _service(lab, "tenant-alpha", "web", {"app": "netctl-demo"})
     beta_ip = _service(lab, "tenant-beta", "web", {"app": "netctl-demo"})
     for node in lab.topology.nodes_of("alpha"):
-        wait_for(lambda n=node.name: alpha_ip in _node_table(lab, n), 60, f"{node.name}'s kproxy to program {alpha_ip}")
+        wait_for(
+            lambda n=node.name: alpha_ip in _node_table(lab, n),
+            timeout=60,
+            what=f"{node.name}'s kproxy to program {alpha_ip}",
+        )
     for node in lab.topology.nodes_of("beta"):
-        wait_for(lambda n=node.name: beta_ip in _node_table(lab, n), 60, f"{node.name}'s kproxy to program {beta_ip}")
+        wait_for(
+            lambda n=node.name: beta_ip in _node_table(lab, n),
+            timeout=60,
+            what=f"{node.name}'s kproxy to program {beta_ip}",
+        )
         assert alpha_ip not in _node_table(lab, node.name), "a beta node holds rules for alpha's service"
     # Endpoints follow the Service by a sync or two (EndpointSlice controller, then kproxy).
     for pod in groups["alpha"]:
         ns = lab.pod_netns(pod["metadata"]["namespace"], pod["metadata"]["name"], pod["spec"]["nodeName"])
-        wait_for(lambda ns=ns: tcp_probe(ns, alpha_ip, 80, timeout=2.0), 30,
-                 f"{pod['metadata']['name']} to reach {alpha_ip}")
+        wait_for(
+            lambda ns=ns: tcp_probe(ns, alpha_ip, 80, timeout=2.0),
+            timeout=30,
+            what=f"{pod['metadata']['name']} to reach {alpha_ip}",
+        )
     for pod in groups["beta"]:
         ns = lab.pod_netns(pod["metadata"]["namespace"], pod["metadata"]["name"], pod["spec"]["nodeName"])
-        wait_for(lambda ns=ns: tcp_probe(ns, beta_ip, 80, timeout=2.0), 30,
-                 f"{pod['metadata']['name']} to reach {beta_ip}")
+        wait_for(
+            lambda ns=ns: tcp_probe(ns, beta_ip, 80, timeout=2.0),
+            timeout=30,
+            what=f"{pod['metadata']['name']} to reach {beta_ip}",
+        )
         assert not tcp_probe(ns, alpha_ip, 80, timeout=1.0), "a beta pod reached alpha's service"
 
 
@@ -256,6 +287,6 @@ def test_a_pod_reaches_itself_through_its_service(lab: Lab) -> None:
     pod = _pods_by_tenant(lab)["alpha"][0]
     name = pod["metadata"]["name"]
     ip = _service(lab, "tenant-alpha", "self", {"netctl.io/lab-pod": name})
-    wait_for(lambda: ip in _node_table(lab, pod["spec"]["nodeName"]), 60, "kproxy to program the service")
+    wait_for(lambda: ip in _node_table(lab, pod["spec"]["nodeName"]), timeout=60, what="kproxy to program the service")
     ns = lab.pod_netns("tenant-alpha", name, pod["spec"]["nodeName"])
-    wait_for(lambda: tcp_probe(ns, ip, 80, timeout=2.0), 30, "the pod to reach itself through its Service")
+    wait_for(lambda: tcp_probe(ns, ip, 80, timeout=2.0), timeout=30, what="the pod to reach itself through its Service")
