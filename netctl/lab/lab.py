@@ -121,7 +121,9 @@ class Lab:
     @staticmethod
     def is_healthy(run_dir: Path) -> bool:
         """Every daemon the lab recorded a pidfile for is still alive."""
-        pidfiles = list(Path(run_dir).rglob("*.pid"))
+        # Our daemons only: containerd keeps per-container pidfiles (k8s.io/<id>/init.pid) that
+        # go stale as pods come and go.
+        pidfiles = [p for p in Path(run_dir).rglob("*.pid") if "k8s.io" not in p.parts]
         for pidfile in pidfiles:
             try:
                 os.kill(int(pidfile.read_text().split()[0]), 0)
