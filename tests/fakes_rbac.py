@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import queue
 import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from netctl.annotations import TENANT_LABEL
@@ -122,54 +120,6 @@ class LabelCache:
     def by_index(self, index: str, value: str) -> list[Obj]:
         assert index == "tenant"
         return [o for o in self.objs.values() if (o["metadata"].get("labels") or {}).get(TENANT_LABEL) == value]
-
-
-class MemListWatch:
-    """A `ListWatch` over an in-memory object set; every change also goes down the watch."""
-
-    _rv = itertools.count(1000)
-
-    def __init__(self, objs: Iterable[Obj] = ()) -> None:
-        self.lock = threading.Lock()
-        self.objects: dict[str, Obj] = {}
-        self.events: queue.Queue[Obj] = queue.Queue()
-        self.stopped = threading.Event()
-        for o in objs:
-            self._store(o)
-
-    def _store(self, o: Obj) -> Obj:
-        o = copy.deepcopy(o)
-        o["metadata"]["resourceVersion"] = str(next(self._rv))
-        m = o["metadata"]
-        self.objects[f"{m['namespace']}/{m['name']}" if m.get("namespace") else m["name"]] = o
-        return copy.deepcopy(o)
-
-    def put(self, o: Obj) -> None:
-        with self.lock:
-            m = o["metadata"]
-            kind = "MODIFIED" if m["name"] in self.objects else "ADDED"
-            self.events.put({"type": kind, "object": self._store(o)})
-
-    def delete(self, key: str) -> None:
-        with self.lock:
-            o = self.objects.pop(key)
-            o["metadata"]["resourceVersion"] = str(next(self._rv))
-            self.events.put({"type": "DELETED", "object": o})
-
-    def list(self, resource_version: str | None = None) -> tuple[list[Obj], str]:
-        with self.lock:
-            return [copy.deepcopy(o) for o in self.objects.values()], str(next(self._rv))
-
-    def watch(self, resource_version: str, timeout_seconds: float) -> Iterator[Obj]:
-        deadline = time.monotonic() + timeout_seconds
-        while not self.stopped.is_set() and time.monotonic() < deadline:
-            try:
-                yield self.events.get(timeout=0.02)
-            except queue.Empty:
-                continue
-
-    def interrupt(self) -> None:
-        self.stopped.set()
 
 
 def ns(name: str, tenant: str | None) -> Obj:

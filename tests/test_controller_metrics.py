@@ -9,9 +9,6 @@ the writer and the recorder. Metrics live in the process-wide registry, so every
 from __future__ import annotations
 
 import copy
-import itertools
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,60 +21,9 @@ from netctl.controller import app
 from netctl.controller.app import SYNC_KEY, Controller, ControllerOptions
 from netctl.iaas.base import IaaSError, Network, Port, PortRequest
 from netctl.kube.workqueue import Priority
-from tests.fakes import FakeIaaS, FakeRecorder, FakeWriter, namespace, node, pod, tenant
+from tests.fakes import FakeIaaS, FakeRecorder, FakeWriter, MemListWatch, namespace, node, pod, tenant
 
 Obj = dict[str, Any]
-
-
-class MemListWatch:
-    """`ListWatch` over an in-memory object set; every change is also sent down the watch."""
-
-    _rv = itertools.count(100)
-
-    def __init__(self, objs: list[Obj] = ()) -> None:  # type: ignore[assignment]
-        self.lock = threading.Lock()
-        self.objects: dict[str, Obj] = {}
-        self.events: queue.Queue[Obj] = queue.Queue()
-        self.stopped = threading.Event()
-        for o in objs:
-            self._store(o)
-
-    @staticmethod
-    def key(o: Obj) -> str:
-        m = o["metadata"]
-        return f"{m['namespace']}/{m['name']}" if m.get("namespace") else str(m["name"])
-
-    def _store(self, o: Obj) -> Obj:
-        o = copy.deepcopy(o)
-        o["metadata"]["resourceVersion"] = str(next(self._rv))
-        self.objects[self.key(o)] = o
-        return copy.deepcopy(o)
-
-    def put(self, o: Obj) -> None:
-        with self.lock:
-            kind = "MODIFIED" if self.key(o) in self.objects else "ADDED"
-            self.events.put({"type": kind, "object": self._store(o)})
-
-    def delete(self, key: str) -> None:
-        with self.lock:
-            o = self.objects.pop(key)
-            o["metadata"]["resourceVersion"] = str(next(self._rv))
-            self.events.put({"type": "DELETED", "object": o})
-
-    def list(self, resource_version: str | None = None) -> tuple[list[Obj], str]:
-        with self.lock:
-            return [copy.deepcopy(o) for o in self.objects.values()], str(next(self._rv))
-
-    def watch(self, resource_version: str, timeout_seconds: float) -> Iterator[Obj]:
-        deadline = time.monotonic() + timeout_seconds
-        while not self.stopped.is_set() and time.monotonic() < deadline:
-            try:
-                yield self.events.get(timeout=0.05)
-            except queue.Empty:
-                continue
-
-    def interrupt(self) -> None:
-        self.stopped.set()
 
 
 class FlakyIaaS(FakeIaaS):

@@ -17,8 +17,8 @@ from netctl.controller import app
 from netctl.controller import tenant_rbac as tr
 from netctl.controller.app import RBAC_SYNC_KEY, SYNC_KEY, Controller, ControllerOptions
 from netctl.kube.workqueue import Priority
-from tests.fakes import FakeIaaS, FakeRecorder, FakeWriter
-from tests.fakes_rbac import FakeRbacWriter, LabelCache, MemListWatch, ns, tenant
+from tests.fakes import FakeIaaS, FakeRecorder, FakeWriter, MemListWatch
+from tests.fakes_rbac import FakeRbacWriter, LabelCache, ns, tenant
 
 SA, CRB, RB = "serviceaccounts", "clusterrolebindings", "rolebindings"
 

@@ -82,6 +82,7 @@ class PortController:
         self.recorder = recorder
         self.default_mtu = default_mtu
         self._networks: dict[str, Network] = {}
+        self._seen_uids: dict[str, str] = {}  # pod key -> uid last handled (finds a re-created pod's old port)
         self._lock = threading.Lock()
         self._metric = on_metric or (lambda op, result: None)
 
@@ -154,22 +155,28 @@ class PortController:
 
     # -- pods ------------------------------------------------------------------------------------
 
-    def _ports_of(self, key: str) -> list[Port]:
+    def _ports_of(self, key: str, pod: Obj | None) -> list[Port]:
+        """The pod's port and that of the last pod of this name we handled, by id (an indexed lookup).
+
+        No scan of every port per pod: ports of pods this process never saw (deleted or re-created
+        while no controller ran) are orphans, and the periodic resync's set difference removes them.
+        """
+        uids = {self._seen_uids.get(key), str(model.meta(pod).get("uid")) if pod is not None else None}
         ns, _, name = key.partition("/")
-        return [
-            p
-            for p in self.iaas.list_ports()
-            if p.owner is not None and p.owner.kind == "pod" and p.owner.namespace == ns and p.owner.name == name
-        ]
+        ports = (self.iaas.get_port(model.port_id_for_pod(u)) for u in uids if u)
+        return [p for p in ports if p is not None and p.owner is not None and p.owner.kind == "pod"
+                and p.owner.namespace == ns and p.owner.name == name]
 
     def sync_pod(self, key: str) -> None:
         pod = self.caches.pods.get(key)
-        existing = self._ports_of(key)
+        existing = self._ports_of(key, pod)
         tenant = self.tenant_of_namespace(key.partition("/")[0]) if pod is not None else None
         if pod is None or tenant is None or not model.needs_port(pod):
             self._delete(existing, why=f"pod {key} is gone or needs no tenant port")
+            self._seen_uids.pop(key, None)
             return
         uid = str(model.meta(pod).get("uid"))
+        self._seen_uids[key] = uid
         port_id = model.port_id_for_pod(uid)
         # Ports of an earlier pod with the same name, or from a tenant the namespace has left.
         stale = [p for p in existing if p.id != port_id or p.tenant != tenant]
