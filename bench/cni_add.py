@@ -5,8 +5,9 @@ Usage (root): .venv/bin/python -m bench.cni_add [--pods 200] [--agent [--launche
 With --agent, "ours" is the deployed mode: the thin executable forwarding every verb to a node
 agent (`python -m cni.agent`, per-run socket, warm OVSDB/netlink handles, pod watch) started for
 the run; without it, the executable does all the work in its own process. --launcher execs ours
-through a per-run two-line launcher running the same interpreter with `-IS` (no site-packages, no
-editable-install finder: the forwarding path needs neither) instead of the console script.
+through the launcher `python -m cni.install` writes (what the lab installs: the same interpreter
+with `-IS`, no site-packages, no editable-install finder — the forwarding path needs neither)
+instead of the console script.
 
 Both plugins are exec'd exactly as a runtime does (CNI_* environment + the config on stdin, each
 process entered into its node netns between fork and exec, identically for both), one pod at a
@@ -38,11 +39,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cni.install import install
 from netctl.lab.ovs import OvsStack
 from netns_tests.cni_fixtures import AgentProc, netns_add, netns_del, pod_api, port_annotation
 
 OURS = str(Path(sys.executable).parent / "netctl-cni")
-REPO = Path(__file__).resolve().parents[1]
 REF_DIR = "/usr/lib/cni"
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -127,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     agent: AgentProc | None = None
     ours = OURS
     if args.launcher:
-        ours = str(base / "netctl-cni")
-        Path(ours).write_text(f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                              "from cni.main import main\nmain()\n")
-        os.chmod(ours, 0o755)
+        ours = str(install(base))  # the launcher the lab installs (cni/install.py)
     try:
         ovs.start()
         ovs.add_bridge("br-int")

@@ -94,6 +94,7 @@ class Lab:
         progress: Progress | None = None,
         controller_args: tuple[str, ...] = (),
         services: bool = True,
+        kubelets: bool = True,
     ) -> None:
         self.topology = topology or demo()
         self.run_dir = Path(run_dir).absolute()
@@ -101,6 +102,9 @@ class Lab:
         self.progress = progress or (lambda msg: log.info("%s", msg))
         self.controller_args = controller_args
         self.services = services  # kproxy per node + the CNI's Service route (the Service data path)
+        # False: nodes are Node objects only (labelled, no VM, no kubelet) — for controller tests and
+        # benchmarks at thousands of pods, which need pods bound to tenant nodes but no data plane.
+        self.kubelets = kubelets
         self.kproxies: dict[str, Any] = {}
         self.hv_netns = f"{self.prefix}hv"
         self.chassis = f"{self.prefix}-chassis"
@@ -195,8 +199,12 @@ class Lab:
             self.start_controller()
             for t in self.topology.tenants:
                 self.wait_network(t.name)
-        with self._step(f"{len(self.topology.nodes)} tenant nodes (netns VM, kubelet, containerd)"):
-            self._start_nodes()
+        if self.kubelets:
+            with self._step(f"{len(self.topology.nodes)} tenant nodes (netns VM, kubelet, containerd)"):
+                self._start_nodes()
+        else:
+            with self._step(f"{len(self.topology.nodes)} tenant nodes (Node objects only)"):
+                self._register_api_only_nodes()
         self.state.ready = True
         self.state.save()
         return self
@@ -331,9 +339,10 @@ class Lab:
             link = d / plugin.name
             if not link.exists():
                 link.symlink_to(plugin)
-        link = d / "netctl-cni"
-        if not link.exists():
-            link.symlink_to(_venv_bin("netctl-cni"))
+        # What a node's install step does: the fast `-IS` launcher, not the console script.
+        from cni.install import install
+
+        install(d)
         return d
 
     def cni_agent_socket(self, node: str) -> Path:
@@ -384,6 +393,20 @@ class Lab:
         if node_address:
             conf["plugins"][0].update(serviceCidr=self.topology.service_cidr, nodeAddress=node_address)
         return conf
+
+    def _register_api_only_nodes(self) -> None:
+        """Node objects with the tenant label and nothing behind them (see ``kubelets``).
+
+        Nothing keeps them Ready, so the node lifecycle controller taints them after its grace
+        period; pods put on them should tolerate that (e.g. `tolerations: [{operator: Exists}]`).
+        """
+        from netctl.kube.client import api_path, request_json
+
+        api = self.cp.api_client()
+        for node in self.topology.nodes:
+            body = {"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": node.name, "labels": {TENANT_LABEL: node.tenant}}}
+            request_json(api, "POST", api_path("", "v1", "nodes"), body=body)
 
     def _start_nodes(self) -> None:
         bin_dir = self._cni_bin_dir()

@@ -131,7 +131,9 @@ class Daemon:
         self._popen: subprocess.Popen[bytes] | None = None
 
     def _is_ours(self, pid: int) -> bool:
-        return proc_cmdline(pid) == self.argv
+        # A script started through its shebang shows its interpreter first: [python, script, args...].
+        cmd = proc_cmdline(pid)
+        return cmd is not None and (cmd == self.argv or cmd[1:] == self.argv)
 
     @property
     def pid(self) -> int | None:
