@@ -633,7 +633,9 @@ def test_example_conflist_is_valid() -> None:
     # the highest of cniVersions they support, which is 1.1.0 (STATUS, GC).
     assert doc["cniVersion"] == "1.0.0" and doc["cniVersions"] == ["1.0.0", "1.1.0"]
     assert set(doc["cniVersions"]) <= set(SUPPORTED_VERSIONS)
-    (plugin,) = doc["plugins"]
+    plugin, portmap = doc["plugins"]
+    # hostPort support: the reference portmap after us, declaring the capability kubelet fills in
+    assert portmap["type"] == "portmap" and portmap["capabilities"] == {"portMappings": True}
     for version in doc["cniVersions"]:
         nc = NetConf.from_dict({**plugin, "name": doc["name"], "cniVersion": version}, version, {})
         assert nc.type == "netctl-cni" and nc.kubeconfig and nc.ovs_netns == INIT_NETNS

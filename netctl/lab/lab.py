@@ -388,6 +388,10 @@ class Lab:
                 "ovsNetns": f"/run/netns/{self.hv_netns}",
                 "logFile": str(self.run_dir / "nodes" / node.name / "cni.log"),
                 "agentSocket": str(self.cni_agent_socket(node.name)),
+            }, {
+                # hostPort: kubelet -> containerd pass `portMappings` to plugins declaring it; the
+                # reference portmap DNATs node address:hostPort to the pod address from our result.
+                "type": "portmap", "capabilities": {"portMappings": True}, "snat": True,
             }],
         }
         if node_address:
@@ -421,6 +425,10 @@ class Lab:
         self.state.save()
         mgmt_ip = self.mgmt.add_host(netns)
         nic = self.attach_node_nic(node, netns)
+        # A Kubernetes node routes: Service traffic (kproxy) and hostPorts (portmap) are forwarded.
+        from netctl.lab.service_path import node_sysctls
+
+        node_sysctls(netns)
         node_dir = self.run_dir / "nodes" / node.name
         conf_dir = node_dir / "cni-conf"
         conf_dir.mkdir(parents=True, exist_ok=True)
@@ -441,11 +449,10 @@ class Lab:
 
     def start_kproxy(self, node: NodeSpec) -> None:
         """kproxy in the node VM, with the tenant-scoped credentials the controller maintains."""
-        from netctl.lab.service_path import kproxy_daemon, kproxy_kubeconfig, node_sysctls
+        from netctl.lab.service_path import kproxy_daemon, kproxy_kubeconfig
 
         netns = self.node_netns(node.name)
         node_dir = self.run_dir / "nodes" / node.name
-        node_sysctls(netns)
         kubeconfig = kproxy_kubeconfig(self.cp, node.tenant, node_dir / "kproxy.kubeconfig")
         daemon = kproxy_daemon(_venv_bin("kproxy"), node.name, netns, node_dir, kubeconfig,
                                self.topology.service_cidr)

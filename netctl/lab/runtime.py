@@ -550,6 +550,17 @@ disabled_plugins = [
             run(["ctr", "--address", self.socket, "-n", CRI_NAMESPACE, "images", "import", tarball], timeout=120)
         self.timings["images_imported"] = time.monotonic() - t
 
+    def restart_containerd(self, timeout: float = 60.0) -> None:
+        """Stop and start containerd alone, as an upgrade would: shims (and so pods) keep running,
+        kubelet reconnects to the CRI socket by itself."""
+        self.containerd.stop()
+        self.containerd.start()
+        cri_client = Cri(self.socket)
+        try:
+            self.containerd.wait_ready(lambda: bool(cri_client.version()), timeout, "answering CRI")
+        finally:
+            cri_client.close()
+
     def _start_kubelet(self, timeout: float) -> None:
         for sub in ("pki", "volume-plugins"):
             (self.kubelet_dir / sub).mkdir(parents=True, exist_ok=True)

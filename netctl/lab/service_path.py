@@ -33,7 +33,7 @@ _SYSCTL = (
 
 
 def node_sysctls(netns: str) -> None:
-    """A node VM routes for its pods' Service traffic: forwarding on, no ICMP redirects."""
+    """A node VM routes (Service traffic, hostPorts): forwarding on, no ICMP redirects."""
     subprocess.run(
         [sys.executable, "-I", "-S", "-c", _SYSCTL, f"/run/netns/{netns}",
          "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0"],
