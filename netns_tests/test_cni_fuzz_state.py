@@ -6,7 +6,9 @@ leftover veth or OVS port: STATUS and GC get arbitrary configs and valid-attachm
 pods with good and corrupted annotations combined with configs and sandboxes that fail at each
 stage of plugging (before OVS, at the veth, at the address/route, at the OVS port). After every
 example nothing of that attachment may remain, and GC must never have touched what it does not own.
-Few examples (each execs the plugin) so the module stays around half a minute.
+Every property runs twice: verbs done in the executable's own process, and verbs forwarded to a
+node agent (`agentSocket`, the deployed mode) — the agent must answer bad input the same way.
+Few examples (each execs the plugin) so the module stays around a minute.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cni import ovs_binding as ob
 from cni.spec import Code
 
 pytest.register_assert_rewrite("netns_tests.ovn_fixtures", "netns_tests.cni_fixtures")
-from netns_tests.cni_fixtures import PodApi, netns_add, netns_del, port_annotation  # noqa: E402
+from netns_tests.cni_fixtures import AgentProc, PodApi, netns_add, netns_del, port_annotation  # noqa: E402
 from netns_tests.ovn_fixtures import OvnEnv, run  # noqa: E402
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
@@ -51,12 +53,14 @@ class World:
     pods: dict[str, str]  # pod name -> kind of annotation it carries
     sentinel_cid: str  # an attachment of another network GC must never touch
     nic: str  # a node NIC on the bridge (another owner) GC must never touch
+    agent_socket: str | None = None  # set: every verb is forwarded to this node agent
 
     def conf(self, **overrides: Any) -> dict[str, Any]:
         c = {"cniVersion": "1.1.0", "name": self.network, "type": "netctl-cni",
              "kubeconfig": self.api.kubeconfig(), "nodeName": self.api.node, "ovsdb": self.env.ovs.db_connection,
              "bridge": self.env.bridge, "ovsNetns": f"/run/netns/{self.env.hv_netns}",
-             "logFile": str(self.tmp / "cni.log"), "annotationTimeoutSeconds": 1}
+             "logFile": str(self.tmp / "cni.log"), "annotationTimeoutSeconds": 1,
+             "agentSocket": self.agent_socket}
         c.update(overrides)
         return {k: v for k, v in c.items() if v is not None}
 
@@ -88,10 +92,15 @@ def link_exists(netns: str, name: str) -> bool:
     return run("ip", "-n", netns, "link", "show", name, check=False).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def world(ovn_env: OvnEnv, cni_api: PodApi, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=["in-process", "agent"])
+def world(request: pytest.FixtureRequest, ovn_env: OvnEnv, cni_api: PodApi,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     env, api = ovn_env, cni_api
     tmp = tmp_path_factory.mktemp("fuzz")
+    agent = None
+    if request.param == "agent":
+        agent = AgentProc(tmp, api.node, api.kubeconfig(), env.ovs.db_connection, f"/run/netns/{env.hv_netns}")
+        agent.start()
     good = port_annotation(100, net="10.87")
     other_tenant = json.loads(port_annotation(101, net="10.87").to_json())
     other_tenant["tenant"] = "beta"
@@ -103,14 +112,16 @@ def world(ovn_env: OvnEnv, cni_api: PodApi, tmp_path_factory: pytest.TempPathFac
         "other-tenant": json.dumps(other_tenant),
         "not-json-object": '["pod"]',
     }
-    pods = {f"fz-{kind}": kind for kind in kinds}
+    tag = request.param[0]  # "i" or "a": each world has its own pods, sandbox and NIC names
+    pods = {f"fz{tag}-{kind}": kind for kind in kinds}
+    sentinel_ns = f"{env.prefix}-fzs{tag}"
+    nic = f"{env.prefix}fzn{tag}"
+    w = World(env, api, tmp, f"{env.prefix}-fuzz", pods, secrets.token_hex(32), nic,
+              agent.socket if agent is not None else None)
     api.apply(*(api.pod_doc(name, kinds[kind]) for name, kind in pods.items()))
-    sentinel_ns = f"{env.prefix}-fzs"
-    nic = f"{env.prefix}fznic"
-    w = World(env, api, tmp, f"{env.prefix}-fuzz", pods, secrets.token_hex(32), nic)
-    api.pod("fz-sentinel", port_annotation(102, net="10.87").to_json())
+    api.pod(f"fz{tag}-sentinel", port_annotation(102, net="10.87").to_json())
     sentinel_env = {"CNI_CONTAINERID": w.sentinel_cid, "CNI_NETNS": netns_add(sentinel_ns), "CNI_IFNAME": "eth0",
-                    "CNI_ARGS": api.cni_args("fz-sentinel", w.sentinel_cid), "CNI_PATH": "/opt/cni/bin"}
+                    "CNI_ARGS": api.cni_args(f"fz{tag}-sentinel", w.sentinel_cid), "CNI_PATH": "/opt/cni/bin"}
     sentinel_conf = w.conf(name=f"{env.prefix}-keep")
     try:
         assert execute("ADD", sentinel_env, sentinel_conf)[0] == 0
@@ -119,12 +130,16 @@ def world(ovn_env: OvnEnv, cni_api: PodApi, tmp_path_factory: pytest.TempPathFac
                   "external_ids:netctl\\:container-id=node-nic", "external_ids:netctl\\:ifname=eth0",
                   f"external_ids:netctl\\:cni-network={w.network}", "external_ids:netctl\\:owner=node")
         yield w
+        if agent is not None:  # the verbs really went through the agent (it logs with its own context)
+            assert " agent " in (tmp / "cni.log").read_text(), "no verb was handled by the node agent"
     finally:
         execute("DEL", sentinel_env, sentinel_conf)
         netns_del(sentinel_ns)
         with contextlib.suppress(AssertionError):
             env.vsctl("--if-exists", "del-port", nic)
         run("ip", "-n", env.hv_netns, "link", "del", nic, check=False)
+        if agent is not None:
+            agent.stop()
 
 
 def assert_untouched(w: World) -> None:
@@ -170,7 +185,7 @@ def test_status_and_gc_fuzz(world: World, command: str, version: str, bridge: An
                                  "no-netns", "bad-prev-result", "uid-mismatch"]))
 def test_failed_add_leaves_nothing(world: World, kind: str, breakage: str) -> None:
     w, env = world, world.env
-    pod = f"fz-{kind}"
+    pod = next(name for name, k in w.pods.items() if k == kind)
     ns = f"{env.prefix}-fz{secrets.token_hex(2)}"
     cid = secrets.token_hex(32)
     host = ob.host_ifname(cid, "eth0")
