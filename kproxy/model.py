@@ -91,12 +91,17 @@ class ServicePortState:
     port: ServicePort
     endpoints: tuple[Endpoint, ...] = ()
 
-    def usable_endpoints(self) -> tuple[Endpoint, ...]:
-        """Ready endpoints; when none are ready, serving+terminating ones (graceful shutdown)."""
-        ready = tuple(e for e in self.endpoints if e.ready)
+    def usable_endpoints(self, node: str | None = None) -> tuple[Endpoint, ...]:
+        """Ready endpoints; when none are ready, serving+terminating ones (graceful shutdown).
+
+        With ``node``, only the endpoints on that node (traffic policy ``Local``), the fallback to
+        terminating ones applied to that subset alone, as kube-proxy does.
+        """
+        pool = self.endpoints if node is None else tuple(e for e in self.endpoints if e.node_name == node)
+        ready = tuple(e for e in pool if e.ready)
         if ready:
             return ready
-        return tuple(e for e in self.endpoints if e.serving and e.terminating)
+        return tuple(e for e in pool if e.serving and e.terminating)
 
 
 @dataclass(frozen=True)

@@ -8,65 +8,116 @@ concatenated keys), it diffs and golden-tests as plain lines, and ``kproxy.scrip
 back for the fake backend and the packet tracer.
 
 Why this shape (DESIGN §5: the kernel pays per *chain*, not per element): the number of chains
-and rules is constant, whatever the number of Services. Everything per Service is an element:
+and rules is constant, whatever the number of Services (affinity Services excepted, below).
+Everything per Service is an element:
 
-* ``service_ips`` — verdict map ``daddr . l4proto . dport -> goto svc_dnat`` for every frontend
-  address of a service port that has endpoints (cluster IP, externalIPs, LB ingress IPs).
-* ``endpoints`` — map ``daddr . l4proto . dport . bucket -> endpoint ip . endpoint port``. The
-  single DNAT rule in ``svc_dnat`` draws ``numgen random mod BUCKETS`` and looks the endpoint up;
-  each frontend fills all BUCKETS with its usable endpoints round-robin (so with k endpoints each
-  gets ``BUCKETS/k`` of the traffic, exact when k divides BUCKETS, off by at most one bucket
-  otherwise). No per-service, no per-endpoint chains.
-* ``no_endpoints`` — set of frontends without usable endpoints; ``endpoints_check`` (filter
-  hooks, before DNAT) rejects them: TCP reset, ICMP port unreachable otherwise.
+* ``service_ips`` — verdict map ``daddr . l4proto . dport -> goto svc_dnat_<k>`` for every
+  frontend address of a service port with k usable endpoints (cluster IP, externalIPs, LB IPs).
+* ``endpoints`` — map ``daddr . l4proto . dport . n -> endpoint ip . port``, n = 0..k-1. Chain
+  ``svc_dnat_<k>`` (one per k = 1..``exact_max``) draws ``numgen random mod k`` and looks the
+  endpoint up: k elements per frontend, an exactly uniform spread. A frontend with more than
+  ``exact_max`` endpoints goes to ``svc_dnat`` instead, which draws ``mod buckets`` and finds the
+  endpoints filled round-robin into ``buckets`` slots (off by at most one slot per endpoint; with
+  more endpoints than ``buckets`` only the first ``buckets`` get traffic).
+* ``nodeports`` / ``nodeport_endpoints`` / ``np_dnat_<k>`` — the same for NodePorts, keyed
+  ``l4proto . dport`` and matched only when the destination is a local address of this node
+  (``fib daddr type local``, loopback excluded), from prerouting (other hosts) and output (the node).
+* ``no_endpoints`` / ``no_endpoint_nodeports`` — verdict maps checked by ``endpoints_check``
+  (filter hooks, before DNAT, new connections only — a reply to the node's own outbound
+  connection may arrive on a port that is also a node port): ``goto reject_svc`` (TCP reset,
+  ICMP port unreachable otherwise) when a service port has no usable endpoint at all, ``drop``
+  when a ``Local`` traffic policy leaves none on this node while other nodes have some
+  (kube-proxy's choice).
 * ``nat_postrouting`` masquerades what was DNATed (``ct status dnat``) so replies return through
   this node — which is also what makes hairpin (a pod reaching itself via its Service) work.
 
+``sessionAffinity: ClientIP`` cannot be an element: the choice depends on the client. Such a
+service port gets, per endpoint, a timed set (``update @set { ip saddr }`` refreshes the client's
+entry, timeout = ``timeoutSeconds``) and a chain that records and DNATs, plus one chain that sends
+a client found in an endpoint's set to that endpoint and draws at random otherwise. These chains
+and sets travel inside the service's ``Elements`` (pseudo-containers ``chains`` and ``sets``)
+under names hashed from their content, so a change creates new ones and deletes old ones in the
+same transaction as the element changes, in the order nftables requires (``element_diff``); the
+set of an endpoint that stays keeps its name, so its clients stay stuck to it.
+
+Traffic policies ``Local`` (``RenderConfig.node_name`` must name this node; None = unknown, and
+the policy cannot be honoured, so all endpoints are used): internal ``Local`` restricts cluster
+IP frontends, external ``Local`` restricts externalIPs, LB IPs and NodePorts, to endpoints on
+this node. What this data path cannot do: pods sit on the tenant network, not behind the node, so
+replies must come back through the node and every DNATed flow is masqueraded — the client's
+source address is *not* preserved, also with ``externalTrafficPolicy: Local`` (whose main point
+in kube-proxy is to preserve it); only the endpoint restriction is honoured. Cluster-internal
+clients reaching an external frontend of an external-``Local`` Service are not short-circuited to
+all endpoints as kube-proxy does (we cannot tell pods from outside clients here).
+
 Incremental updates are element diffs per service port (``element_diff``): one Service change
-touches only its own elements, in one transaction. Not yet rendered (next slice): NodePort,
-session affinity, traffic policies ``Local``.
+touches only its own elements (and its own affinity chains/sets), in one transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from kproxy.model import ServicePortState
+from kproxy.model import Endpoint, ServicePortState
 
-# map/set name -> element key -> element value (None for set elements), all in nft syntax
+# container name -> key -> value (None for set elements), all in nft syntax. The pseudo
+# containers ``chains`` (name -> rules joined by "\n") and ``sets`` (name -> set spec) hold the
+# per-service objects of affinity Services.
 Elements = dict[str, dict[str, str | None]]
 
 SERVICE_IPS = "service_ips"
 ENDPOINTS = "endpoints"
 NO_ENDPOINTS = "no_endpoints"
-DNAT_CHAIN = "svc_dnat"
+NODEPORTS = "nodeports"
+NODEPORT_ENDPOINTS = "nodeport_endpoints"
+NO_ENDPOINT_NODEPORTS = "no_endpoint_nodeports"
+CHAINS = "chains"
+SETS = "sets"
+MAPS = (SERVICE_IPS, ENDPOINTS, NO_ENDPOINTS, NODEPORTS, NODEPORT_ENDPOINTS, NO_ENDPOINT_NODEPORTS)
+CONTAINERS = (*MAPS, CHAINS, SETS)
+DNAT_CHAIN = "svc_dnat"  # + "_<k>" for exactly k endpoints; bare: the bucketed fallback
+NODEPORT_DNAT_CHAIN = "np_dnat"
 REJECT_CHAIN = "reject_svc"
+REJECT = f"goto {REJECT_CHAIN}"
+DROP = "drop"
 PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 ELEMENTS_PER_LINE = 500  # keeps single lines (and libnftables' parser buffers) reasonable
+KEY3 = "ip daddr . meta l4proto . th dport"
+KEY2 = "meta l4proto . th dport"
+LOCAL_DST = "ip daddr != 127.0.0.0/8 fib daddr type local"
 
 
 @dataclass(frozen=True)
 class RenderConfig:
     table: str = "kproxy"
-    buckets: int = 64
+    buckets: int = 256  # slots of the fallback for frontends with more than exact_max endpoints
+    exact_max: int = 32  # one DNAT chain per endpoint count 1..exact_max (exactly uniform)
+    node_name: str | None = None  # this node, for traffic policy Local
 
     def __post_init__(self) -> None:
         if not 1 <= self.buckets <= 4096:
             raise ValueError(f"buckets must be within 1..4096, not {self.buckets}")
+        if not 1 <= self.exact_max <= 256:
+            raise ValueError(f"exact_max must be within 1..256, not {self.exact_max}")
         if not self.table.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"table name {self.table!r} must be alphanumeric (plus _ and -)")
 
 
 def skeleton(cfg: RenderConfig) -> list[str]:
-    """The fixed part: maps, set, chains and rules (same for 0 or 100,000 services)."""
+    """The fixed part: maps, chains and rules (same for 0 or 100,000 services)."""
     t = f"ip {cfg.table}"
-    key = "ipv4_addr . inet_proto . inet_service"
-    return [
-        f"add map {t} {SERVICE_IPS} {{ type {key} : verdict; }}",
-        f"add set {t} {NO_ENDPOINTS} {{ type {key}; }}",
-        f"add map {t} {ENDPOINTS} {{ typeof ip daddr . meta l4proto . th dport . numgen random mod {cfg.buckets}"
-        " : ip daddr . th dport; }",
+    key3, key2 = "ipv4_addr . inet_proto . inet_service", "inet_proto . inet_service"
+    value = "ip daddr . th dport"
+    ks = range(1, cfg.exact_max + 1)
+    lines = [
+        f"add map {t} {SERVICE_IPS} {{ type {key3} : verdict; }}",
+        f"add map {t} {NO_ENDPOINTS} {{ type {key3} : verdict; }}",
+        f"add map {t} {ENDPOINTS} {{ typeof {KEY3} . numgen random mod {cfg.buckets} : {value}; }}",
+        f"add map {t} {NODEPORTS} {{ type {key2} : verdict; }}",
+        f"add map {t} {NO_ENDPOINT_NODEPORTS} {{ type {key2} : verdict; }}",
+        f"add map {t} {NODEPORT_ENDPOINTS} {{ typeof {KEY2} . numgen random mod {cfg.buckets} : {value}; }}",
         f"add chain {t} filter_prerouting {{ type filter hook prerouting priority -110; policy accept; }}",
         f"add chain {t} filter_output {{ type filter hook output priority -110; policy accept; }}",
         f"add chain {t} nat_prerouting {{ type nat hook prerouting priority -100; policy accept; }}",
@@ -75,19 +126,27 @@ def skeleton(cfg: RenderConfig) -> list[str]:
         f"add chain {t} endpoints_check",
         f"add chain {t} {REJECT_CHAIN}",
         f"add chain {t} services",
+        *(f"add chain {t} {DNAT_CHAIN}_{k}" for k in ks),
         f"add chain {t} {DNAT_CHAIN}",
-        f"add rule {t} filter_prerouting jump endpoints_check",
-        f"add rule {t} filter_output jump endpoints_check",
-        f"add rule {t} endpoints_check ip daddr . meta l4proto . th dport @{NO_ENDPOINTS} goto {REJECT_CHAIN}",
+        *(f"add chain {t} {NODEPORT_DNAT_CHAIN}_{k}" for k in ks),
+        f"add chain {t} {NODEPORT_DNAT_CHAIN}",
+        f"add rule {t} filter_prerouting ct state new jump endpoints_check",
+        f"add rule {t} filter_output ct state new jump endpoints_check",
+        f"add rule {t} endpoints_check {KEY3} vmap @{NO_ENDPOINTS}",
+        f"add rule {t} endpoints_check {LOCAL_DST} {KEY2} vmap @{NO_ENDPOINT_NODEPORTS}",
         f"add rule {t} {REJECT_CHAIN} meta l4proto tcp reject with tcp reset",
         f"add rule {t} {REJECT_CHAIN} reject with icmp type port-unreachable",
         f"add rule {t} nat_prerouting jump services",
         f"add rule {t} nat_output jump services",
-        f"add rule {t} services ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
-        f"add rule {t} {DNAT_CHAIN} dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {cfg.buckets}"
-        f" map @{ENDPOINTS}",
-        f"add rule {t} nat_postrouting ct status dnat masquerade",
+        f"add rule {t} services {KEY3} vmap @{SERVICE_IPS}",
+        f"add rule {t} services {LOCAL_DST} {KEY2} vmap @{NODEPORTS}",
     ]
+    for suffix, k in [*((f"_{k}", k) for k in ks), ("", cfg.buckets)]:
+        lines.append(f"add rule {t} {DNAT_CHAIN}{suffix} dnat ip to {KEY3} . numgen random mod {k} map @{ENDPOINTS}")
+        lines.append(f"add rule {t} {NODEPORT_DNAT_CHAIN}{suffix} dnat ip to {KEY2} . numgen random mod {k}"
+                     f" map @{NODEPORT_ENDPOINTS}")
+    lines.append(f"add rule {t} nat_postrouting ct status dnat masquerade")
+    return lines
 
 
 def skeleton_shape(cfg: RenderConfig) -> dict[str, int]:
@@ -102,28 +161,77 @@ def skeleton_shape(cfg: RenderConfig) -> dict[str, int]:
     return counts
 
 
+def _empty() -> Elements:
+    return {name: {} for name in CONTAINERS}
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _spread(out: Elements, target: str, chain: str, front: str, eps: Sequence[Endpoint], cfg: RenderConfig) -> str:
+    """Elements selecting among ``eps`` for one frontend; returns the DNAT chain to go to."""
+    k = len(eps)
+    slots = k if k <= cfg.exact_max else cfg.buckets
+    for n in range(slots):
+        ep = eps[n % k]
+        out[target][f"{front} . {n}"] = f"{ep.ip} . {ep.port}"
+    return f"{chain}_{k}" if k <= cfg.exact_max else chain
+
+
+def _affinity(out: Elements, state: ServicePortState, eps: Sequence[Endpoint]) -> str:
+    """Per-endpoint timed sets and chains for ClientIP affinity; returns the entry chain's name."""
+    sp = state.port
+    proto, timeout = PROTO[sp.protocol], sp.affinity_timeout
+    targets = []
+    for ep in eps:
+        h = _digest(sp.name, sp.protocol, ep.ip, ep.port, timeout)
+        set_name, chain = f"aff_{h}", f"affep_{h}"
+        out[SETS][set_name] = f"{{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+        out[CHAINS][chain] = f"update @{set_name} {{ ip saddr }}\nmeta l4proto {proto} dnat ip to {ep.ip}:{ep.port}"
+        targets.append((set_name, chain))
+    entry = "affsvc_" + _digest(sp.name, sp.protocol, timeout, *(f"{e.ip}:{e.port}" for e in eps))
+    rules = [f"ip saddr @{s} goto {c}" for s, c in targets]
+    rules.append(f"numgen random mod {len(targets)} vmap {{ "
+                 + ", ".join(f"{n} : goto {c}" for n, (_, c) in enumerate(targets)) + " }")
+    out[CHAINS][entry] = "\n".join(rules)  # after its endpoint chains: creation order = dependency order
+    return entry
+
+
 def service_elements(state: ServicePortState, cfg: RenderConfig) -> Elements:
-    """The elements one service port contributes (deterministic for equal input)."""
+    """The elements (and, for affinity, chains and sets) one service port contributes.
+
+    Deterministic for equal input.
+    """
     sp = state.port
     proto = PROTO[sp.protocol]
-    usable = state.usable_endpoints()
-    out: Elements = {SERVICE_IPS: {}, ENDPOINTS: {}, NO_ENDPOINTS: {}}
+    any_usable = bool(state.usable_endpoints())
+    local = cfg.node_name
+    internal = state.usable_endpoints(local if sp.internal_traffic_local else None)
+    external = state.usable_endpoints(local if sp.external_traffic_local else None)
+    out = _empty()
+
+    def frontend(front: str, eps: Sequence[Endpoint], vmap: str, no_eps: str, target: str, chain: str) -> None:
+        if not eps:
+            out[no_eps][front] = DROP if any_usable else REJECT
+        elif sp.session_affinity:
+            out[vmap][front] = f"goto {_affinity(out, state, eps)}"
+        else:
+            out[vmap][front] = f"goto {_spread(out, target, chain, front, eps, cfg)}"
+
     for ip in sp.frontend_ips:
-        front = f"{ip} . {proto} . {sp.port}"
-        if not usable:
-            out[NO_ENDPOINTS][front] = None
-            continue
-        out[SERVICE_IPS][front] = f"goto {DNAT_CHAIN}"
-        for b in range(cfg.buckets):
-            ep = usable[b % len(usable)]
-            out[ENDPOINTS][f"{front} . {b}"] = f"{ep.ip} . {ep.port}"
+        eps = internal if ip == sp.cluster_ip else external
+        frontend(f"{ip} . {proto} . {sp.port}", eps, SERVICE_IPS, NO_ENDPOINTS, ENDPOINTS, DNAT_CHAIN)
+    if sp.node_port:
+        frontend(f"{proto} . {sp.node_port}", external, NODEPORTS, NO_ENDPOINT_NODEPORTS, NODEPORT_ENDPOINTS,
+                 NODEPORT_DNAT_CHAIN)
     return out
 
 
 def merge(parts: Iterable[Elements]) -> Elements:
     """Union of several services' elements; on a key clash (two Services claiming one external
-    IP and port) the first one wins, as ordered by the caller."""
-    out: Elements = {SERVICE_IPS: {}, ENDPOINTS: {}, NO_ENDPOINTS: {}}
+    IP and port, or one node port) the first one wins, as ordered by the caller."""
+    out = _empty()
     for part in parts:
         for name, elems in part.items():
             target = out[name]
@@ -143,6 +251,17 @@ def _fmt(key: str, value: str | None) -> str:
     return key if value is None else f"{key} : {value}"
 
 
+def _chain_lines(cfg: RenderConfig, chains: dict[str, str | None], *, fresh: Iterable[str] = ()) -> list[str]:
+    """``add chain`` for all of ``chains`` first, then their rules (rules may goto each other);
+    chains named in ``fresh`` already exist and are flushed instead of added."""
+    t = f"ip {cfg.table}"
+    fresh = set(fresh)
+    lines = [f"flush chain {t} {c}" if c in fresh else f"add chain {t} {c}" for c in chains]
+    for c, rules in chains.items():
+        lines += [f"add rule {t} {c} {r}" for r in (rules or "").splitlines()]
+    return lines
+
+
 def full_script(parts: Iterable[Elements], cfg: RenderConfig) -> str:
     """The whole table, replacing whatever is there, in one transaction.
 
@@ -152,29 +271,45 @@ def full_script(parts: Iterable[Elements], cfg: RenderConfig) -> str:
     elements = merge(parts)
     t = f"ip {cfg.table}"
     lines = [f"add table {t}", f"delete table {t}", f"add table {t}", *skeleton(cfg)]
-    for name in (SERVICE_IPS, ENDPOINTS, NO_ENDPOINTS):
+    lines += [f"add set {t} {name} {spec}" for name, spec in elements[SETS].items()]
+    lines += _chain_lines(cfg, elements[CHAINS])
+    for name in MAPS:
         items = [_fmt(k, v) for k, v in elements[name].items()]
         lines += _element_lines("add", cfg, name, items)
     return "\n".join(lines) + "\n"
 
 
 def element_diff(old: Elements, new: Elements, cfg: RenderConfig) -> str:
-    """Commands turning ``old`` into ``new`` (deletes first, then adds); "" when equal.
+    """Commands turning ``old`` into ``new``; "" when equal.
 
+    Order, as nftables requires within the transaction: new sets, new chains and their rules
+    (before any element points at them), element deletes, deletion of chains (entry chains before
+    the endpoint chains they jump to) and then of sets nothing references any more, element adds.
     A changed map value is a delete plus an add of the same key in the same transaction, which
     nftables applies atomically — a packet sees either the old or the new endpoint, never none.
     """
-    deletes: list[str] = []
+    t = f"ip {cfg.table}"
+    o_sets, n_sets = old.get(SETS, {}), new.get(SETS, {})
+    for name in o_sets.keys() & n_sets.keys():
+        if o_sets[name] != n_sets[name]:
+            raise ValueError(f"set {name} changed its spec under the same name")
+    o_chains, n_chains = old.get(CHAINS, {}), new.get(CHAINS, {})
+    come_chains = {c: r for c, r in n_chains.items() if c not in o_chains or o_chains[c] != r}
+    lines = [f"add set {t} {name} {spec}" for name, spec in n_sets.items() if name not in o_sets]
+    lines += _chain_lines(cfg, come_chains, fresh=[c for c in come_chains if c in o_chains])
     adds: list[str] = []
-    for name in (SERVICE_IPS, ENDPOINTS, NO_ENDPOINTS):
+    for name in MAPS:
         o, n = old.get(name, {}), new.get(name, {})
         gone = [k for k, v in o.items() if k not in n or n[k] != v]
         come = [_fmt(k, v) for k, v in n.items() if k not in o or o[k] != v]
-        deletes += _element_lines("delete", cfg, name, gone)
+        lines += _element_lines("delete", cfg, name, gone)
         adds += _element_lines("add", cfg, name, come)
-    lines = deletes + adds
+    lines += [f"delete chain {t} {c}" for c in reversed(o_chains) if c not in n_chains]
+    lines += [f"delete set {t} {name}" for name in o_sets if name not in n_sets]
+    lines += adds
     return "\n".join(lines) + "\n" if lines else ""
 
 
 def count_elements(elements: Elements) -> int:
-    return sum(len(v) for v in elements.values())
+    """Map elements (what a service costs the kernel in lookups); affinity chains/sets not counted."""
+    return sum(len(elements.get(name, {})) for name in MAPS)

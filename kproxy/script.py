@@ -1,8 +1,10 @@
 """Read back the nft script dialect ``render`` writes, into an in-memory model of the table.
 
 This is not an nft parser: it understands exactly the flat commands kproxy emits (add/delete
-table, add map/set/chain, add rule, add/delete element) and refuses anything else, so a renderer
-change that drifts from it fails loudly in unit tests. It backs two things:
+table, add/delete map/set, add/delete/flush chain, add rule, add/delete element) and refuses
+anything else, so a renderer change that drifts from it fails loudly in unit tests. Like the
+kernel, it refuses a rule or verdict jumping to a missing chain or using a missing set, and the
+deletion of a chain or set something still references. It backs two things:
 
 * ``FakeKernel`` state for the fake backend (``kproxy.nft.FakeBackend``): a script is applied to
   a copy and only committed when every command succeeded, like an nftables transaction,
@@ -46,6 +48,10 @@ _CHAIN = re.compile(r"^add chain (\w+) ([\w-]+) ([\w-]+)(?: \{ (.*) \})?$")
 _BASE = re.compile(r"^type (\w+) hook (\w+) priority ([\w -]+); policy accept;$")
 _RULE = re.compile(r"^add rule (\w+) ([\w-]+) ([\w-]+) (.+)$")
 _ELEMENT = re.compile(r"^(add|delete) element (\w+) ([\w-]+) ([\w-]+) \{ (.*) \}$")
+_CHAIN_OP = re.compile(r"^(delete|flush) chain (\w+) ([\w-]+) ([\w-]+)$")
+_DELETE_SET = re.compile(r"^delete (?:set|map) (\w+) ([\w-]+) ([\w-]+)$")
+_CHAIN_REF = re.compile(r"\b(?:goto|jump) ([\w-]+)")
+_SET_REF = re.compile(r"@([\w-]+)")
 
 
 def _priority(text: str) -> int:
@@ -118,7 +124,29 @@ class Ruleset:
             t = self._table(m[1], m[2])
             if m[3] not in t.chains:
                 raise ScriptError(f"no such chain {m[3]}")
+            for ref in _CHAIN_REF.findall(m[4]):
+                if ref not in t.chains:
+                    raise ScriptError(f"rule jumps to missing chain {ref}")
+            for ref in _SET_REF.findall(m[4]):
+                if ref not in t.sets:
+                    raise ScriptError(f"rule uses missing set {ref}")
             t.chains[m[3]].rules.append(m[4])
+        elif m := _CHAIN_OP.match(line):
+            t = self._table(m[2], m[3])
+            if m[4] not in t.chains:
+                raise ScriptError(f"no such chain {m[4]}")
+            if m[1] == "flush":
+                t.chains[m[4]].rules.clear()
+            else:
+                self._check_unreferenced_chain(t, m[4])
+                del t.chains[m[4]]
+        elif m := _DELETE_SET.match(line):
+            t = self._table(m[1], m[2])
+            if m[3] not in t.sets:
+                raise ScriptError(f"no such set {m[3]}")
+            if any(m[3] in _SET_REF.findall(r) for c in t.chains.values() for r in c.rules):
+                raise ScriptError(f"set {m[3]} is in use")
+            del t.sets[m[3]]
         elif m := _ELEMENT.match(line):
             t = self._table(m[2], m[3])
             if m[4] not in t.sets:
@@ -127,6 +155,10 @@ class Ruleset:
             for item in m[5].split(", "):
                 key, _, value = item.partition(" : ")
                 val = value or None
+                if m[1] == "add" and val is not None:
+                    for ref in _CHAIN_REF.findall(val):
+                        if ref not in t.chains:
+                            raise ScriptError(f"element jumps to missing chain {ref}")
                 if m[1] == "delete":
                     if key not in target:
                         raise ScriptError(f"no such element {key} in {m[4]}")
@@ -137,3 +169,13 @@ class Ruleset:
                     target[key] = val
         else:
             raise ScriptError("unknown command")
+
+    @staticmethod
+    def _check_unreferenced_chain(t: Table, name: str) -> None:
+        """nftables refuses (EBUSY) to delete a chain a rule or a verdict map element still jumps to."""
+        for chain in t.chains.values():
+            if chain.name != name and any(name in _CHAIN_REF.findall(r) for r in chain.rules):
+                raise ScriptError(f"chain {name} is in use by chain {chain.name}")
+        for set_name, elems in t.sets.items():
+            if any(v is not None and name in _CHAIN_REF.findall(v) for v in elems.values()):
+                raise ScriptError(f"chain {name} is in use by map {set_name}")

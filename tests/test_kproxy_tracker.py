@@ -22,16 +22,18 @@ def svc(name: str = "web", ns: str = "a", ip: str | None = "10.96.0.10", ports: 
 
 
 def eps(service: str = "web", ns: str = "a", name: str | None = None, addrs: list[Any] | None = None,
-        ports: list[dict[str, Any]] | None = None, version: str = "v1") -> dict[str, Any]:
-    """addrs: ip strings (ready) or (ip, conditions) tuples."""
+        ports: list[dict[str, Any]] | None = None, version: str = "v1",
+        nodes: dict[str, str] | None = None) -> dict[str, Any]:
+    """addrs: ip strings (ready) or (ip, conditions) tuples; nodes: ip -> node name (default n1)."""
     endpoints = []
     for a in addrs if addrs is not None else ["10.1.0.5"]:
         ip, cond = (a, {"ready": True}) if isinstance(a, str) else a
         e: dict[str, Any] = {"addresses": [ip], "conditions": cond}
+        node = (nodes or {}).get(ip, "n1")
         if version == "v1":
-            e["nodeName"] = "n1"
+            e["nodeName"] = node
         else:
-            e["topology"] = {"kubernetes.io/hostname": "n1"}
+            e["topology"] = {"kubernetes.io/hostname": node}
         endpoints.append(e)
     return {"apiVersion": f"discovery.k8s.io/{version}", "kind": "EndpointSlice", "addressType": "IPv4",
             "metadata": {"namespace": ns, "name": name or f"{service}-abc",
@@ -120,6 +122,22 @@ def test_fallback_to_serving_terminating() -> None:
     t.update_slice(eps(name="web-2", addrs=["10.1.0.9"]))
     t.apply()
     assert [e.ip for e in t.state(HTTP).usable_endpoints()] == ["10.1.0.9"]  # type: ignore[union-attr]
+
+
+def test_usable_endpoints_on_one_node_fall_back_per_node() -> None:
+    """Traffic policy Local: the ready/terminating fallback is decided among that node's endpoints."""
+    t = ChangeTracker()
+    t.update_service(svc())
+    t.update_slice(eps(addrs=["10.1.0.5", ("10.1.0.6", {"ready": False, "serving": True, "terminating": True}),
+                              ("10.1.0.7", {"ready": False, "serving": False, "terminating": True})],
+                       nodes={"10.1.0.5": "n1", "10.1.0.6": "n2", "10.1.0.7": "n2"}))
+    t.apply()
+    state = t.state(HTTP)
+    assert state is not None
+    assert [e.ip for e in state.usable_endpoints()] == ["10.1.0.5"]
+    assert [e.ip for e in state.usable_endpoints("n1")] == ["10.1.0.5"]
+    assert [e.ip for e in state.usable_endpoints("n2")] == ["10.1.0.6"]  # no ready one there: serving+terminating
+    assert state.usable_endpoints("n3") == ()
 
 
 def test_apply_returns_changed_ports_and_moves_on() -> None:

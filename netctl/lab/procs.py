@@ -208,7 +208,9 @@ class Daemon:
         """SIGTERM, then SIGKILL after ``timeout``; removes the pidfile."""
         pid = self.pid
         if pid is not None:
-            kill_pid(pid, timeout, check=self._is_ours)
+            # Our own child is ours even before it has exec'd (its cmdline is still ours then).
+            own_child = self._popen is not None and self._popen.pid == pid
+            kill_pid(pid, timeout, check=None if own_child else self._is_ours)
         if self._popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(timeout=1)
