@@ -278,6 +278,9 @@ class AgentResources(plugin.Resources):
     def plumb(self, conf: NetConf, fn: Callable[[ob.OvsDb | None, ob.Netns | None], T]) -> T:
         return self._worker.submit(lambda: fn(self._ovsdb(conf.ovsdb), self._host(conf.ovs_netns))).result()
 
+    def netlink(self, fn: Callable[[], T]) -> T:
+        return self._worker.submit(fn).result()
+
     @contextlib.contextmanager
     def _client(self) -> Iterator[kubeapi.KubeClient]:
         try:

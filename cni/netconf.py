@@ -11,6 +11,14 @@ Example plugin entry of a conflist::
      "ovsdb": "unix:/run/openvswitch/db.sock", "logFile": "/var/log/netctl-cni.log",
      "agentSocket": "/run/netctl/cni-agent.sock"}
 
+Nested mode (pods inside a tenant VM, cni/nested.py): `"mode": "nested-nic"` (the IaaS hot-plugs
+each pod's port as a NIC, found by MAC) or `"mode": "nested-vlan"` with `"trunkInterface": "eth0"`
+(a VLAN sub-interface of the VM's trunk NIC per pod); `nodeNetns` (default: the netns the verb runs
+in) is where those NICs live. `"vlanBackend": "ovs"` instead plugs nested-vlan pods as access ports
+(tag = the port's VLAN) of an OVS bridge in the VM that holds the trunk NIC (`bridge`, `ovsdb`,
+`ovsNetns` then name the VM's OVS): for VM kernels without 802.1Q support.
+The default `"mode": "ovs"` is the veth on br-int.
+
 With `agentSocket` the executable forwards the verbs to the node agent listening there (cni/agent.py).
 """
 
@@ -27,6 +35,9 @@ from cni.spec import DNS, CniError, Code, parse_dns, validate_ifname
 DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
 DEFAULT_BRIDGE = "br-int"
 INIT_NETNS = "/proc/1/ns/net"  # the host's netns, even when the runtime runs us inside another
+OWN_NETNS = "/proc/self/ns/net"  # the netns of the process running the verb (executable or node agent)
+MODES = ("ovs", "nested-nic", "nested-vlan")  # see cni/nested.py for the nested ones
+VLAN_BACKENDS = ("kernel", "ovs")  # nested-vlan: an 802.1Q sub-interface, or an access port on the VM's OVS
 DEFAULT_ANNOTATION_TIMEOUT_S = 20.0
 MAX_ANNOTATION_TIMEOUT_S = 600.0
 
@@ -50,9 +61,18 @@ class NetConf:
     node_address: str | None = None
     log_file: str | None = None
     agent_socket: str | None = None  # hand the verbs to the node agent there (cni.main, cni.agent)
+    mode: str = "ovs"  # one of MODES: ovs (veth on br-int), nested-nic, nested-vlan (cni/nested.py)
+    trunk_interface: str | None = None  # nested-vlan: the VM's trunk NIC in the node namespace
+    node_netns: str = OWN_NETNS  # nested modes: where hot-plugged NICs / the trunk live
+    vlan_backend: str = "kernel"  # nested-vlan: one of VLAN_BACKENDS
     dns: DNS = field(default_factory=DNS)
     prev_result: Any = None  # raw; parsed by the verbs that need it
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def netlink_only(self) -> bool:
+        """The verbs plumb with netlink alone (nested-nic, kernel nested-vlan), no OVSDB."""
+        return self.mode == "nested-nic" or (self.mode == "nested-vlan" and self.vlan_backend == "kernel")
 
     @property
     def service_route(self) -> tuple[str, str] | None:
@@ -79,6 +99,7 @@ class NetConf:
         agent_socket = _opt_str(conf, "agentSocket") or None
         if agent_socket is not None and not agent_socket.startswith("/"):
             raise _bad("agentSocket", f"{agent_socket!r} must be an absolute path to the node agent's unix socket")
+        mode, trunk, node_netns, vlan_backend = _nested(conf)
         return cls(
             cni_version=cni_version,
             name=name,
@@ -93,6 +114,10 @@ class NetConf:
             node_address=node_address,
             log_file=_opt_str(conf, "logFile") or None,
             agent_socket=agent_socket,
+            mode=mode,
+            trunk_interface=trunk,
+            node_netns=node_netns,
+            vlan_backend=vlan_backend,
             dns=parse_dns(conf.get("dns"), lambda what: _bad("dns", what)),
             prev_result=conf.get("prevResult"),
             raw=conf,
@@ -153,6 +178,31 @@ def _ovsdb(conf: Mapping[str, Any]) -> str:
     if value.startswith("tcp:") and value.count(":") >= 2:
         return value
     raise _bad("ovsdb", f"{value!r} must be unix:/absolute/path or tcp:host:port")
+
+
+def _nested(conf: Mapping[str, Any]) -> tuple[str, str | None, str, str]:
+    """(mode, trunkInterface, nodeNetns, vlanBackend): nested-vlan needs the trunk, the others must not
+    name one."""
+    mode = _opt_str(conf, "mode") or "ovs"
+    if mode not in MODES:
+        raise _bad("mode", f"{mode!r} must be one of {', '.join(MODES)}")
+    trunk = _opt_str(conf, "trunkInterface") or None
+    if mode == "nested-vlan":
+        if trunk is None:
+            raise _bad("trunkInterface", "is required with mode nested-vlan (the VM's trunk NIC, e.g. eth0)")
+        if why := validate_ifname(trunk):
+            raise _bad("trunkInterface", f"{trunk!r} {why}")
+    elif trunk is not None:
+        raise _bad("trunkInterface", f"is only used with mode nested-vlan, not {mode}")
+    node_netns = _opt_str(conf, "nodeNetns") or OWN_NETNS
+    if not node_netns.startswith("/"):
+        raise _bad("nodeNetns", f"{node_netns!r} must be an absolute path (e.g. /run/netns/<name>)")
+    backend = _opt_str(conf, "vlanBackend") or "kernel"
+    if backend not in VLAN_BACKENDS:
+        raise _bad("vlanBackend", f"{backend!r} must be one of {', '.join(VLAN_BACKENDS)}")
+    if backend != "kernel" and mode != "nested-vlan":
+        raise _bad("vlanBackend", f"is only used with mode nested-vlan, not {mode}")
+    return mode, trunk, node_netns, backend
 
 
 def _timeout(conf: Mapping[str, Any]) -> float:

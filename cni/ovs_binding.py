@@ -42,6 +42,7 @@ EXT_IFNAME = "netctl:ifname"
 EXT_POD = "netctl:pod"
 EXT_POD_UID = "netctl:pod-uid"
 EXT_OWNER = "netctl:owner"
+EXT_VLAN = "netctl:vlan"  # nested-vlan (OVS backend): the access tag ADD gave the port
 EXT_NETWORK = "netctl:cni-network"  # the CNI network (conflist `name`) the attachment belongs to
 OWNER_POD_PREFIX = "pod:"  # EXT_OWNER of ports the CNI plugs; node NICs carry "node"
 ALIAS_TAG = "netctl-cni"  # host veth ends carry the alias "netctl-cni <network> <container id> <ifname>"
@@ -142,9 +143,21 @@ class OvsDb:
         except Exception as e:
             raise OvsError(f"{what} failed in OVSDB {self.remote}: {e}") from None
 
-    def add_port(self, bridge: str, name: str, external_ids: Mapping[str, str]) -> None:
-        self._run(f"adding port {name} to bridge {bridge}",
-                  self.api.add_port(bridge, name, may_exist=False, external_ids=dict(external_ids)))
+    def add_port(self, bridge: str, name: str, external_ids: Mapping[str, str], tag: int | None = None) -> None:
+        """Add `name` to `bridge`; with `tag`, as an access port of that VLAN (nested-vlan on an OVS trunk)."""
+        commands = [self.api.add_port(bridge, name, may_exist=False, external_ids=dict(external_ids))]
+        if tag is not None:
+            commands.append(self.api.db_set("Port", name, ("tag", tag)))
+        self._run(f"adding port {name} to bridge {bridge}" + (f" with VLAN tag {tag}" if tag is not None else ""),
+                  *commands)
+
+    def port_tag(self, name: str) -> int | None:
+        """The Port's access VLAN tag (None: untagged)."""
+        try:
+            value = self.api.db_get("Port", name, "tag").execute(check_error=True)
+        except Exception as e:
+            raise OvsError(f"reading the tag of port {name} from OVSDB {self.remote}: {e}") from None
+        return _single(value)
 
     def del_port(self, name: str) -> None:
         self._run(f"deleting port {name}", self.api.del_port(name, if_exists=True))
@@ -355,6 +368,7 @@ def plug_port(
     external_ids: Mapping[str, str] | None = None,
     routes: Iterable[tuple[str, str]] = (),
     alias: str | None = None,
+    vlan: int | None = None,
     timeout: float = OVS_TIMEOUT_S,
     ovs: OvsDb | None = None,
     host: Netns | None = None,
@@ -363,6 +377,8 @@ def plug_port(
 
     `routes` are extra (destination CIDR, via) routes, e.g. the Service CIDR via the node address.
     `alias` (see attachment_alias) marks the host end so GC can find it even without an OVS port.
+    `vlan`: the host end becomes an access port of that VLAN (nested-vlan with an OVS bridge on the
+    VM's trunk NIC); None: untagged (ovs mode).
     On any failure everything created so far is removed and the error re-raised.
     `ovs`/`host`: a warm OVSDB connection and OVS-netns handle to use (and leave open) instead of
     connecting and opening per call (the node agent keeps them).
@@ -371,6 +387,8 @@ def plug_port(
     ids = {"iface-id": port_id, "attached-mac": mac, "iface-status": "active", **(external_ids or {})}
     if owner_tag:
         ids[EXT_OWNER] = owner_tag
+    if vlan is not None:
+        ids[EXT_VLAN] = str(vlan)
     # OVSDB first: an unreachable OVS must leave nothing behind
     with _session(ovsdb, timeout, ovs) as db, _host_netns(ovs_netns, host, missing_ok=False) as hns:
         assert hns is not None
@@ -394,7 +412,7 @@ def plug_port(
                     _set_alias(hns, host_ifname, alias)
                 _configure_pod_end(pod, ifname, iface, gateway, routes)
                 _configure_host_end(hns, host_ifname)
-                db.add_port(bridge, host_ifname, ids)
+                db.add_port(bridge, host_ifname, ids, vlan)
                 ofport = db.wait_ofport(host_ifname)
                 host_link = hns.link(host_ifname)
                 host_mac = host_link.get_attr("IFLA_ADDRESS") if host_link is not None else ""
@@ -531,8 +549,12 @@ def check_port(
     timeout: float = OVS_TIMEOUT_S,
     ovs: OvsDb | None = None,
     host: Netns | None = None,
+    tagged: bool = False,
 ) -> list[str]:
-    """Everything that differs from what plug_port left behind; [] when all is in place."""
+    """Everything that differs from what plug_port left behind; [] when all is in place.
+
+    `tagged`: the port must be an access port of the VLAN recorded at ADD (nested-vlan), else untagged.
+    """
     problems: list[str] = []
     with _session(ovsdb, timeout, ovs) as db:
         row = db.interface(host_ifname)
@@ -541,6 +563,12 @@ def check_port(
         else:
             if row["bridge"] != bridge:
                 problems.append(f"OVS interface {host_ifname} is on bridge {row['bridge']!r}, not {bridge!r}")
+            recorded = row["external_ids"].get(EXT_VLAN)
+            want_tag = int(recorded) if tagged and recorded and recorded.isdigit() else None
+            if tagged and want_tag is None:
+                problems.append(f"OVS interface {host_ifname} records no VLAN ({EXT_VLAN}={recorded!r})")
+            elif (tag := db.port_tag(host_ifname)) != want_tag:
+                problems.append(f"OVS port {host_ifname} has VLAN tag {tag}, expected {want_tag}")
             if not (isinstance(row["ofport"], int) and row["ofport"] > 0):
                 problems.append(f"OVS interface {host_ifname} is not attached: {row['error'] or row['ofport']}")
             ext = row["external_ids"]

@@ -1,4 +1,6 @@
-"""The CNI plugin's verbs (ovs mode), run in the executable's own process or in the node agent.
+"""The CNI plugin's verbs, run in the executable's own process or in the node agent.
+
+The ovs mode is here; the netlink-only nested modes (conflist `mode`) hand over to cni/nested_verbs.py.
 
 `cni.main` (the executable's entry point) calls `run()` here when the config has no
 `agentSocket`; the node agent (`cni.agent`) calls it for every request it receives, with
@@ -145,6 +147,10 @@ class Resources:
     def not_ready(self, conf: NetConf) -> str | None:
         """STATUS: why pods cannot be plugged now, beyond OVS (None: nothing)."""
         return None
+
+    def netlink(self, fn: Callable[[], T]) -> T:
+        """Run netlink-only plumbing (the nested modes); the node agent runs it on its plumbing thread."""
+        return fn()
 
 
 def main() -> None:
@@ -437,6 +443,11 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
             raise CniError(Code.INVALID_NETCONF, f"invalid network config: nodeAddress {via} is outside the "
                            f"pod subnet {port.interface.network}, so it cannot route serviceCidr {cidr}")
         routes.append((cidr, via))
+    if conf.netlink_only:
+        from cni import nested_verbs
+
+        return nested_verbs.plug(inv, conf, port, routes, log, res or Resources())
+    vlan = nested_vlan_id(conf, port)
     host = ob.host_ifname(inv.container_id, inv.ifname)
     ids = {ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname, ob.EXT_POD: f"{ns}/{name}",
            ob.EXT_NETWORK: conf.name}
@@ -447,7 +458,8 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
             ovsdb=conf.ovsdb, bridge=conf.bridge, ovs_netns=conf.ovs_netns, target_netns=inv.netns,
             ifname=inv.ifname, host_ifname=host, port_id=port.port_id, mac=port.mac, cidr=port.ip,
             gateway=port.gateway, mtu=port.mtu, owner_tag=f"{ob.OWNER_POD_PREFIX}{ns}/{name}", external_ids=ids,
-            routes=routes, alias=ob.attachment_alias(conf.name, inv.container_id, inv.ifname), ovs=ovs, host=hns,
+            routes=routes, alias=ob.attachment_alias(conf.name, inv.container_id, inv.ifname), vlan=vlan,
+            ovs=ovs, host=hns,
         ))
     except ob.BindingError as e:
         raise _binding_error(e, "plugging the pod") from None
@@ -460,6 +472,18 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
         routes=((Route("0.0.0.0/0", port.gateway),) if port.gateway else ()) + tuple(Route(d, v) for d, v in routes),
         dns=conf.dns,
     )
+
+
+def nested_vlan_id(conf: NetConf, port: PortAnnotation) -> int | None:
+    """The pod's VLAN: the port's segmentation id in nested-vlan (code 101 if it has none), else None."""
+    if conf.mode != "nested-vlan":
+        return None
+    if port.vlan is None:
+        raise CniError(Code.ANNOTATION_INVALID,
+                       f"mode nested-vlan needs a VLAN id, but the netctl.io/port annotation of port "
+                       f"{port.port_id} has none (vlan: null)",
+                       "the port must be a trunk subport (OVN: parent_name/tag) of this node's NIC")
+    return port.vlan
 
 
 def _binding_error(e: Exception, doing: str) -> CniError:
@@ -477,6 +501,10 @@ def _binding_error(e: Exception, doing: str) -> CniError:
 
 def cmd_del(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
     """Idempotent; needs neither the API server nor the pod's netns."""
+    if conf.netlink_only:
+        from cni import nested_verbs
+
+        return nested_verbs.delete(inv, conf, log, res)
     from cni import ovs_binding as ob
 
     host = ob.host_ifname(inv.container_id, inv.ifname)
@@ -500,6 +528,10 @@ def cmd_check(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
                   if itf.name == inv.ifname and itf.sandbox == inv.netns), None)
     if index is None:
         raise CniError(Code.CHECK_FAILED, f"prevResult lists no interface {inv.ifname} in {inv.netns}")
+    if conf.netlink_only:
+        from cni import nested_verbs
+
+        return nested_verbs.check(inv, conf, prev, index, res)
     try:
         mac = prev.interfaces[index].mac
         cidrs = [ip.address for ip in prev.ips if ip.interface == index]
@@ -507,6 +539,7 @@ def cmd_check(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
             ovsdb=conf.ovsdb, bridge=conf.bridge, ovs_netns=conf.ovs_netns, target_netns=inv.netns,
             ifname=inv.ifname, host_ifname=ob.host_ifname(inv.container_id, inv.ifname), mac=mac, cidrs=cidrs,
             external_ids={ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname}, ovs=ovs, host=hns,
+            tagged=conf.mode == "nested-vlan",
         ))
     except ob.BindingError as e:
         raise _binding_error(e, "checking the pod") from None
@@ -524,6 +557,10 @@ def cmd_status(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None
 
     if why := res.not_ready(conf):
         raise CniError(Code.PLUGIN_NOT_AVAILABLE, "the netctl-cni node agent cannot plug pods yet", why)
+    if conf.netlink_only:
+        from cni import nested_verbs
+
+        return nested_verbs.status(conf, res)
 
     try:
         found = ovsdb_probe.bridge_exists(conf.ovsdb, conf.bridge)
@@ -540,6 +577,10 @@ def cmd_gc(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
     from cni.netconf import valid_attachments
 
     valid = valid_attachments(conf.raw)
+    if conf.netlink_only:
+        from cni import nested_verbs
+
+        return nested_verbs.gc(conf, valid, log, res)
     try:
         removed = res.plumb(conf, lambda ovs, hns: ob.gc_attachments(
             ovsdb=conf.ovsdb, ovs_netns=conf.ovs_netns, network=conf.name, valid=valid, ovs=ovs, host=hns))
