@@ -44,7 +44,7 @@ from netctl.lab.topology import NodeSpec, TenantSpec, Topology
 TENANT = TenantSpec("bench", "10.40.0.0/16")
 NODES = tuple(NodeSpec(f"bench-{i}", TENANT.name) for i in range(1, 5))
 NS = TENANT.namespace
-NO_POOLS: tuple[str, ...] = ()  # TEMP
+NO_POOLS = ("--pool-min=0",)
 
 
 def pod_body(name: str, node: str) -> dict[str, Any]:

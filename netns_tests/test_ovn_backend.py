@@ -175,7 +175,7 @@ def test_create_port_columns(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
     assert nb_set(ovn_env, port.id, "port_security") == [f"{port.mac} 10.60.0.4"]
     assert nb_map(ovn_env, port.id, "external_ids") == {
         "netctl:owner": "pod", "netctl:pod": "web-0", "netctl:namespace": "shop",
-        "netctl:pod-uid": "uid-web-0", "netctl:tenant": t, "netctl:node": "node-a",
+        "netctl:pod-uid": "uid-web-0", "netctl:tenant": t, "netctl:node": "node-a", "netctl:state": "bound",
     }
     assert nb_map(ovn_env, port.id, "options") == {"requested-chassis": ovn_env.chassis}
     assert ovn_env.nbctl("lsp-get-ls", port.id).endswith(f"(netctl-{t})")
@@ -577,3 +577,90 @@ def test_data_path_tcp_within_tenant_and_isolation_across(
         pods.cleanup()
         iaas.delete_network(ta)
         iaas.delete_network(tb)
+
+
+# ---- pools and intent (issue 4, items 1 and 2) ------------------------------------------------------
+
+
+def _lsp_ids(env: OvnEnv, port: str) -> dict[str, str]:
+    return dict(_nb_column(env, port, "external_ids")[1])
+
+
+def test_pool_claim_release_trim_write_the_intent_on_the_port(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
+    t = tenant_name(ovn_env, "pool")
+    net = iaas.ensure_network(NetworkSpec(t, "10.69.0.0/24", "10.69.0.1"))
+    pool = iaas.create_ports(net, [PortRequest(f"pool-{ovn_env.prefix}-{i}", None) for i in range(3)])
+    assert all(p.pooled for p in pool)
+    assert _lsp_ids(ovn_env, pool[0].id) == {"netctl:tenant": t, "netctl:state": "pooled"}
+    assert [p.id for p in iaas.pooled_ports(t)] == sorted(p.id for p in pool)
+
+    # A claim takes a pooled port (the lowest name) and writes the pod's identity on it.
+    owner = pod_owner(t, "claimer")
+    claim = iaas.claim_port(net, owner, "pod-uid-claimer", node="node-a")
+    assert claim.hit and not claim.existing and claim.port.id == min(p.id for p in pool)
+    ids = _lsp_ids(ovn_env, claim.port.id)
+    assert ids == {"netctl:tenant": t, "netctl:state": "bound", "netctl:owner": "pod", "netctl:pod": "claimer",
+                   "netctl:namespace": "default", "netctl:pod-uid": "uid-claimer", "netctl:node": "node-a"}
+    assert nb_get(ovn_env, claim.port.id, "options:requested-chassis").strip('"') == ovn_env.chassis
+    assert iaas.ports_of_pod("uid-claimer") == [iaas.get_port(claim.port.id)]
+    assert iaas.get_port(claim.port.id).ip == claim.port.ip  # type: ignore[union-attr]
+    # Claiming again returns the pod's port (after a crash before the annotation, say).
+    again = iaas.claim_port(net, owner, "pod-uid-claimer")
+    assert again.existing and again.port.id == claim.port.id and len(iaas.pooled_ports(t)) == 2
+
+    # Release: fresh name, fresh address, no identity, no binding; the old name is gone.
+    (back,) = iaas.release_ports([claim.port.id, "pool-no-such-port"])
+    assert back.pooled and back.id.startswith("pool-") and back.id != claim.port.id
+    assert back.ip != claim.port.ip and back.mac != claim.port.mac
+    assert nb_get(ovn_env, claim.port.id, "name") == ""
+    assert _lsp_ids(ovn_env, back.id) == {"netctl:tenant": t, "netctl:state": "pooled"}
+    assert nb_get(ovn_env, back.id, "options") == "{}"
+    assert ovn_env.nbctl("lsp-get-addresses", back.id) == f"{back.mac} {back.ip}"
+    assert iaas.ports_of_pod("uid-claimer") == [] and len(iaas.pooled_ports(t)) == 3
+
+    # An empty pool: the claim creates the pod's own port.
+    assert iaas.trim_pool(t, 1) == 2 and len(iaas.pooled_ports(t)) == 1
+    iaas.claim_port(net, pod_owner(t, "first"), "pod-uid-first")
+    miss = iaas.claim_port(net, pod_owner(t, "second"), "pod-uid-second")
+    assert not miss.hit and miss.port.id == "pod-uid-second" and miss.port.state == "bound"
+    assert _lsp_ids(ovn_env, "pod-uid-second")["netctl:state"] == "bound"
+
+    ports = iaas.list_ports(tenant=t)
+    ips = [p.ip for p in ports]
+    assert len(ips) == len(set(ips))
+    listed = ovn_env.nbctl("--bare", "--columns=name", "find", "Logical_Switch_Port",
+                           f"external_ids:netctl\\:tenant={t}")
+    assert sorted(listed.split()) == sorted(p.id for p in ports)
+    iaas.delete_network(t)
+
+
+def test_two_clients_never_claim_the_same_pooled_port(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
+    """Two processes' claims race for a small pool: OVSDB's verify makes the loser re-run against
+    the refreshed replica, so every pooled port is taken at most once."""
+    t = tenant_name(ovn_env, "race")
+    net = iaas.ensure_network(NetworkSpec(t, "10.70.0.0/24", "10.70.0.1"))
+    iaas.create_ports(net, [PortRequest(f"pool-{ovn_env.prefix}-r{i}", None) for i in range(10)])
+    clients = [OvnIaaS(ovn_env.ovn.nb_connection, timeout=30) for _ in range(2)]
+    results: list[list[Any]] = [[], []]
+
+    def work(k: int) -> None:
+        for i in range(10):
+            results[k].append(clients[k].claim_port(net, pod_owner(t, f"c{k}-{i}"), f"pod-uid-c{k}-{i}"))
+
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+    finally:
+        for c in clients:
+            c.close()
+    claims = results[0] + results[1]
+    assert len(claims) == 20
+    assert sum(c.hit for c in claims) == 10  # the whole pool, each port once
+    ids = [c.port.id for c in claims]
+    assert len(ids) == len(set(ids))
+    for c in claims:
+        assert _lsp_ids(ovn_env, c.port.id)["netctl:pod-uid"] == c.port.owner.uid
+    iaas.delete_network(t)

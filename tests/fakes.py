@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from netctl.iaas.base import IaaS, Network, NetworkSpec, Port, PortOwner, PortRequest
+from netctl.iaas.base import Claim, IaaS, Network, NetworkSpec, Port, PortOwner, PortRequest, pool_port_id
 from netctl.ipam import SubnetAllocator, mac_for_ip
 
 Obj = dict[str, Any]
@@ -67,10 +67,56 @@ class FakeIaaS(IaaS):
                     continue
                 ip = self.alloc[network.tenant].allocate(r.port_id)
                 port = Port(r.port_id, network.id, network.tenant, mac_for_ip(ip), ip,
-                            network.prefixlen, r.owner, r.node, r.extra_allowed_cidrs)
+                            network.prefixlen, r.owner, r.node, r.extra_allowed_cidrs, r.state)
                 self.ports[r.port_id] = port
                 out.append(port)
         return out
+
+    def claim_port(self, network: Network, owner: PortOwner, fallback_id: str, node: str | None = None) -> Claim:
+        with self._lock:
+            mine = sorted((p for p in self.ports.values() if p.pod_uid == owner.uid), key=lambda p: p.id)
+            if mine:
+                return Claim(mine[0], hit=False, existing=True)
+            pooled = sorted((p for p in self.ports.values() if p.pooled and p.tenant == network.tenant),
+                            key=lambda p: p.id)
+            if pooled:
+                self.calls.append(f"claim_port {pooled[0].id} {owner.uid}")
+                port = dataclasses.replace(pooled[0], owner=owner, node=node, state="bound")
+                self.ports[port.id] = port
+                return Claim(port, hit=True)
+        return Claim(self.create_ports(network, [PortRequest(fallback_id, owner, node)])[0], hit=False)
+
+    def release_ports(self, port_ids: Iterable[str]) -> list[Port]:
+        out = []
+        with self._lock:
+            for pid in port_ids:
+                old = self.ports.pop(pid, None)
+                if old is None:
+                    continue
+                new_id = pool_port_id()
+                self.calls.append(f"release_port {pid} {new_id}")
+                alloc = self.alloc[old.tenant]
+                ip = alloc.allocate(new_id)
+                alloc.release(old.ip)
+                port = Port(new_id, old.network_id, old.tenant, mac_for_ip(ip), ip, old.prefixlen,
+                            None, None, (), "pooled")
+                self.ports[new_id] = port
+                out.append(port)
+        return out
+
+    def trim_pool(self, tenant: str, keep: int) -> int:
+        doomed = [p.id for p in self.pooled_ports(tenant)][max(0, keep):]
+        self.delete_ports(doomed)
+        return len(doomed)
+
+    def ports_of_pod(self, uid: str) -> list[Port]:
+        with self._lock:
+            return sorted((p for p in self.ports.values() if p.pod_uid == uid), key=lambda p: p.id)
+
+    def pooled_ports(self, tenant: str) -> list[Port]:
+        with self._lock:
+            return sorted((p for p in self.ports.values() if p.pooled and p.tenant == tenant),
+                          key=lambda p: p.id)
 
     def bind_port(self, port_id: str, node: str) -> Port:
         with self._lock:

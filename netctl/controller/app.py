@@ -1,8 +1,10 @@
 """Wiring of the controller: informers -> prioritised queue -> PortController, under leader election.
 
 Event handlers only enqueue keys (``pod:<ns>/<name>``, ``tenant:<name>``, ``rbac:<namespace>``,
-``sync``, ``rbac-sync``); all work happens in queue workers, one key at a time, so a periodic SYNC
-at the lowest priority never delays a new pod's network.
+``pool:<tenant>``, ``sync``, ``rbac-sync``); all work happens in queue workers, one key at a time,
+so a periodic SYNC at the lowest priority never delays a new pod's network. With pools on, a timer
+queues ``pool:<tenant>`` for every Tenant each refill interval (at SYNC priority: a refill never
+holds up a pod, which takes a pooled port or, on a miss, creates its own).
 
 With an ``rbac_writer``, the controller also keeps each tenant's kproxy credentials in step
 (``tenant_rbac``): ``tenant:<name>`` applies or deletes the tenant's ServiceAccount and
@@ -19,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from netctl.controller import model
+from netctl.controller.pools import PoolConfig
 from netctl.controller.ports import Caches, PortController, TenantNotReady
 from netctl.controller.tenant_rbac import RbacWriter, TenantRbac
 from netctl.iaas.base import IaaS
@@ -33,6 +36,10 @@ T = TypeVar("T")
 
 PORT_OPS = Counter("netctl_port_operations_total", "IaaS port operations by kind and result", ["op", "result"])
 RESYNC_SECONDS = Histogram("netctl_resync_duration_seconds", "Duration of a full pods/ports/annotations resync")
+POOL_SIZE = Gauge("netctl_pool_ports", "Pooled (warm, unowned) ports per tenant, as of the last refill or resync",
+                  ["tenant"])
+POOL_CLAIMS = Counter("netctl_pool_claims_total", "Pod ports taken from the pool (hit) or created (miss)",
+                      ["tenant", "result"])
 
 SYNC_KEY = "sync"
 RBAC_SYNC_KEY = "rbac-sync"
@@ -45,6 +52,7 @@ class ControllerOptions:
     workers: int = field(default=4, metadata={"help": "queue worker threads"})
     resync_period_s: float = field(default=60.0, metadata={"help": "seconds between full SYNC passes"})
     default_mtu: int = field(default=1400, metadata={"help": "pod MTU when the Tenant sets none"})
+    pool: PoolConfig = field(default_factory=PoolConfig, metadata={"help": "warm port pools per tenant"})
 
 
 class Controller:
@@ -66,11 +74,14 @@ class Controller:
             Caches(self.pods, self.namespaces, self.tenants, self.nodes),
             iaas, writer, recorder, default_mtu=opts.default_mtu,
             on_metric=lambda op, result: PORT_OPS.labels(op, result).inc(),
+            pool=opts.pool,
+            on_claim=lambda tenant, hit: POOL_CLAIMS.labels(tenant, "hit" if hit else "miss").inc(),
         )
         self.rbac = TenantRbac(self.namespaces, self.tenants, rbac_writer) if rbac_writer is not None else None
         self.queue = WorkQueue("controller")
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        self._pool_timer: threading.Thread | None = None
         self._wire()
 
     # -- events -> keys --------------------------------------------------------------------------
@@ -137,6 +148,11 @@ class Controller:
                 ))
             if failure is not None:
                 raise failure
+        elif kind == "pool":
+            try:
+                self.ports.refill_pool(name)
+            finally:
+                POOL_SIZE.labels(name).set(len(self.ports.iaas.pooled_ports(name)))
         elif kind == "rbac":
             if self.rbac is not None:
                 self._rbac("namespace", lambda rbac: rbac.sync_namespace(name))
@@ -155,10 +171,14 @@ class Controller:
                     lambda k: self.queue.add("pod:" + k, Priority.SYNC),
                     lambda t: self.queue.add("tenant:" + t, Priority.SYNC),
                 )
+            sizes = dict(plan.pool_sizes)
+            for tenant in {*sizes, *(model.key_of(o) for o in self.tenants.list())}:
+                POOL_SIZE.labels(tenant).set(sizes.get(tenant, 0))
             if not plan.empty:
                 log.info(
-                    "resync: %d orphaned ports deleted; %d pods to repair",
-                    len(plan.orphan_ports), len(plan.pods_to_sync),
+                    "resync: %d orphaned and %d duplicate ports freed; %d pools trimmed; %d pods to repair",
+                    len(plan.orphan_ports), len(plan.duplicate_ports), len(plan.pools_over_max),
+                    len(plan.pods_to_sync),
                 )
             if self.rbac is not None:
                 self.queue.add(RBAC_SYNC_KEY, Priority.SYNC)
@@ -211,10 +231,20 @@ class Controller:
         self.queue.run_workers(self.opts.workers, self.handle)  # raising = retry with back-off
         self._timer = threading.Thread(target=self._periodic, name="resync-timer", daemon=True)
         self._timer.start()
+        if self.opts.pool.enabled:
+            self._pool_timer = threading.Thread(target=self._refills, name="pool-timer", daemon=True)
+            self._pool_timer.start()
 
     def _periodic(self) -> None:
         while not self._stop.wait(self.opts.resync_period_s):
             self.queue.add(SYNC_KEY, Priority.SYNC)
+
+    def _refills(self) -> None:
+        while True:
+            for obj in self.tenants.list():
+                self.queue.add("pool:" + model.key_of(obj), Priority.SYNC)
+            if self._stop.wait(self.opts.pool.refill_interval_s):
+                return
 
     def healthy(self) -> bool:
         return all(inf.has_synced() for inf in self.informers()) and not self.queue.shutting_down

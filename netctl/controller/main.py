@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from netctl import config
 from netctl.controller.app import Controller, ControllerOptions
+from netctl.controller.pools import PoolConfig
 from netctl.kube.client import new_api_client
 from netctl.kube.events import ApiEventSink, EventRecorder
 from netctl.kube.leader import ApiLeaseStore, LeaderElector
@@ -48,6 +49,25 @@ class ControllerConfig(config.CommonConfig):
                   "kube-system/netctl-kproxy-<tenant>, its ClusterRoleBinding, and a RoleBinding in every "
                   "namespace labelled with the tenant (needs the RBAC in deploy/rbac/controller.yaml)"},
     )
+    # Off by default on the embedded OVN backend: there a pool claim and an on-demand create are
+    # each one NB transaction of about the same cost, while a pool holds addresses of the subnet.
+    # Pools pay where creating a port is slow (Neutron, a NIC hot-plug): turn them on there.
+    pool_min: int = dataclasses.field(
+        default=0,
+        metadata={"help": "warm ports kept per tenant, refilled in batches (0 = pools off: ports are created "
+                  "on demand and freed ports deleted)"},
+    )
+    pool_max: int = dataclasses.field(
+        default=0,
+        metadata={"help": "most pooled ports per tenant; a freed port returns to the pool below it and is "
+                  "deleted above it (0 = twice pool_min)"},
+    )
+    pool_batch: int = dataclasses.field(
+        default=10, metadata={"help": "ports created per IaaS transaction when refilling a pool"}
+    )
+    pool_refill_interval_s: float = dataclasses.field(
+        default=1.0, metadata={"help": "seconds between pool checks (refill below min, trim above max)"}
+    )
     identity: str = dataclasses.field(
         default="", metadata={"help": "leader-election identity (default: hostname_pid)"}
     )
@@ -68,6 +88,10 @@ class ControllerConfig(config.CommonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        try:
+            self.pool = PoolConfig(self.pool_min, self.pool_max, self.pool_batch, self.pool_refill_interval_s)
+        except ValueError as exc:
+            raise config.ConfigError(str(exc)) from None
         if not 0 < self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
             raise config.ConfigError(
                 "leader election: need 0 < retry_period_s < renew_deadline_s < lease_duration_s, got "
@@ -92,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     recorder = EventRecorder(ApiEventSink(api), component="netctl-controller")
     writer = KubeWriter(api)
     ctl = Controller(api, iaas, writer, recorder,
-                     ControllerOptions(cfg.workers, cfg.resync_period_s, cfg.default_mtu),
+                     ControllerOptions(cfg.workers, cfg.resync_period_s, cfg.default_mtu, cfg.pool),
                      rbac_writer=writer if cfg.manage_kproxy_rbac else None)
+    log.info("port pools: %s", f"min {cfg.pool.min}, max {cfg.pool.ceiling}, batch {cfg.pool.batch}"
+             if cfg.pool.enabled else "off (--pool-min 0)")
     log.info("kproxy credentials: %s", "managed" if cfg.manage_kproxy_rbac else "not managed (--no-manage-kproxy-rbac)")
     serving = Serving(cfg.metrics_address, cfg.metrics_port)
     serving.add_health_check("informers", ctl.healthy)

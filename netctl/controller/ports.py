@@ -1,13 +1,15 @@
 """Per-pod and per-tenant work: make the IaaS and the annotations match the pods.
 
 Each method handles one queue key and is idempotent, so a retry, a duplicate event or a
-restart in the middle is harmless: the port name is derived from the pod UID and every port
-carries its owner's identity, so the next pass always sees what the last one did.
+restart in the middle is harmless: a pod's port is found by the pod uid its intent carries
+(`IaaS.ports_of_pod`), and that intent is written in the same transaction that claims or creates
+the port, before the annotation is patched, so the next pass always sees what the last one did.
 """
 
 from __future__ import annotations
 
 import builtins
+import datetime
 import ipaddress
 import logging
 import threading
@@ -18,8 +20,35 @@ from typing import Any, Protocol
 from netctl.annotations import PORT_ANNOTATION
 from netctl.controller import model
 from netctl.controller.model import Obj
-from netctl.controller.reconcile import SyncPlan, annotation_matches, expected_annotation, plan_sync
-from netctl.iaas.base import IaaS, Network, NetworkSpec, Port, PortOwner
+from netctl.controller.pools import (
+    IAAS_UNAVAILABLE,
+    NETWORK_FAILED,
+    SUBNET_EXHAUSTED,
+    PoolConfig,
+    PoolStats,
+    refill_batches,
+    split_freed,
+    tenant_conditions,
+)
+from netctl.controller.reconcile import (
+    SyncPlan,
+    annotated_port_id,
+    annotation_matches,
+    choose_port,
+    expected_annotation,
+    plan_sync,
+)
+from netctl.iaas.base import (
+    IaaS,
+    IaaSUnavailable,
+    Network,
+    NetworkSpec,
+    Port,
+    PortOwner,
+    PortRequest,
+    SubnetExhausted,
+    pool_port_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +104,10 @@ class PortController:
         recorder: Recorder,
         default_mtu: int = 1400,
         on_metric: Callable[[str, str], None] | None = None,
+        pool: PoolConfig | None = None,
+        on_claim: Callable[[str, bool], None] | None = None,
     ) -> None:
+        """``on_metric(op, result)`` counts IaaS operations; ``on_claim(tenant, hit)`` pool hits/misses."""
         self.caches = caches
         self.iaas = iaas
         self.writer = writer
@@ -85,6 +117,14 @@ class PortController:
         self._seen_uids: dict[str, str] = {}  # pod key -> uid last handled (finds a re-created pod's old port)
         self._lock = threading.Lock()
         self._metric = on_metric or (lambda op, result: None)
+        self._on_claim = on_claim or (lambda tenant, hit: None)
+        self.pool = pool or PoolConfig()
+        self.pool_stats = PoolStats()
+        # tenant -> Degraded reason -> message: what keeps pods from getting ports (also not Ready),
+        # and what only keeps the pool from filling (Degraded, still Ready: a miss creates a port)
+        self._problems: dict[str, dict[str, str]] = {}
+        self._pool_problems: dict[str, dict[str, str]] = {}
+        self._port_counts: dict[str, dict[str, int]] = {}  # tenant -> last bound/node port counts
 
     # -- tenants ---------------------------------------------------------------------------------
 
@@ -117,37 +157,83 @@ class PortController:
             # Tenant deleted: its network goes once no port is left on it (pods first).
             with self._lock:
                 self._networks.pop(name, None)
+            self.iaas.trim_pool(name, 0)
             if not self.iaas.list_ports(tenant=name):
                 self.iaas.delete_network(name)
             raise TenantNotReady(f'tenant "{name}" was deleted')
         try:
             net = self.iaas.ensure_network(self._spec_of(name, obj))
         except Exception as exc:
-            self._tenant_status(name, None, ready=False, reason="NetworkFailed", message=str(exc))
+            self._problem(name, exc, NETWORK_FAILED)
+            self._tenant_status(name, None)
             raise
+        self._clear_problem(name, NETWORK_FAILED, IAAS_UNAVAILABLE)
         with self._lock:
             self._networks[name] = net
-        self._tenant_status(name, net, ready=True, reason="NetworkReady", message="network is ready")
+        self._tenant_status(name, net)
         return net
 
-    def _tenant_status(self, name: str, net: Network | None, ready: bool, reason: str, message: str) -> None:
-        ports = self.iaas.list_ports(tenant=name) if net is not None else []
-        status: dict[str, Any] = {
-            "conditions": [
-                {"type": "Ready", "status": "True" if ready else "False", "reason": reason, "message": message}
-            ],
-            "ports": {
-                "bound": sum(1 for p in ports if p.owner is not None and p.owner.kind == "pod"),
+    def _problem(self, tenant: str, exc: Exception, default: str | None = None, pool: bool = False) -> None:
+        """Remember a failure as a Degraded reason (IaaS down, subnet full, or `default`)."""
+        if isinstance(exc, IaaSUnavailable):
+            reason = IAAS_UNAVAILABLE
+        elif isinstance(exc, SubnetExhausted):
+            reason = SUBNET_EXHAUSTED
+        elif default is not None:
+            reason = default
+        else:
+            return
+        with self._lock:
+            (self._pool_problems if pool else self._problems).setdefault(tenant, {})[reason] = str(exc)
+
+    def _clear_problem(self, tenant: str, *reasons: str, pool: bool = False) -> None:
+        with self._lock:
+            found = (self._pool_problems if pool else self._problems).get(tenant, {})
+            for r in reasons:
+                found.pop(r, None)
+
+    def _tenant_status(self, name: str, net: Network | None, count_all: bool = True) -> None:
+        """Write the Tenant's status if it changed. ``count_all`` False (the frequent pool refills)
+        reuses the last bound/node counts instead of listing every port of the tenant."""
+        with self._lock:
+            counts = self._port_counts.get(name)
+        if count_all or counts is None:
+            ports = self.iaas.list_ports(tenant=name) if net is not None else []
+            counts = {
+                "bound": sum(1 for p in ports if p.pod_uid is not None),
                 "nodes": sum(1 for p in ports if p.owner is not None and p.owner.kind == "node"),
-            },
+            }
+            pooled = sum(1 for p in ports if p.pooled)
+            with self._lock:
+                self._port_counts[name] = counts
+        else:
+            pooled = len(self.iaas.pooled_ports(name)) if net is not None else 0
+        hits, misses = self.pool_stats.of(name)
+        with self._lock:
+            problems = dict(self._problems.get(name, {}))
+            pool_problems = dict(self._pool_problems.get(name, {}))
+        status: dict[str, Any] = {
+            "conditions": tenant_conditions(net is not None, problems, pooled, self.pool, pool_problems),
+            "ports": dict(counts),
+            "pool": {"size": pooled, "min": self.pool.min, "max": self.pool.ceiling,
+                     "hits": hits, "misses": misses},
         }
         if net is not None:
             status["networkId"] = net.id
         obj = self.caches.tenants.get(name)
-        if obj is not None and (obj.get("status") or {}) != status:
-            gen = model.meta(obj).get("generation")
-            if gen is not None:
-                status["observedGeneration"] = gen
+        if obj is None:
+            return
+        old = obj.get("status") or {}
+        gen = model.meta(obj).get("generation")
+        if gen is not None:
+            status["observedGeneration"] = gen
+        since = {c.get("type"): c for c in old.get("conditions") or [] if isinstance(c, dict)}
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for cond in status["conditions"]:
+            prev = since.get(cond["type"]) or {}
+            same = prev.get("status") == cond["status"] and prev.get("lastTransitionTime")
+            cond["lastTransitionTime"] = prev["lastTransitionTime"] if same else now
+        if old != status:  # unchanged status is not written again (refills run every interval)
             try:
                 self.writer.patch_tenant_status(name, status)
             except Exception:  # status is informative; never fail the network work on it
@@ -155,32 +241,30 @@ class PortController:
 
     # -- pods ------------------------------------------------------------------------------------
 
-    def _ports_of(self, key: str, pod: Obj | None) -> list[Port]:
-        """The pod's port and that of the last pod of this name we handled, by id (an indexed lookup).
-
-        No scan of every port per pod: ports of pods this process never saw (deleted or re-created
-        while no controller ran) are orphans, and the periodic resync's set difference removes them.
-        """
-        uids = {self._seen_uids.get(key), str(model.meta(pod).get("uid")) if pod is not None else None}
-        ns, _, name = key.partition("/")
-        ports = (self.iaas.get_port(model.port_id_for_pod(u)) for u in uids if u)
-        return [p for p in ports if p is not None and p.owner is not None and p.owner.kind == "pod"
-                and p.owner.namespace == ns and p.owner.name == name]
+    def _annotation_for(self, pod: Obj | None) -> str | None:
+        return annotated_port_id(pod) if pod is not None else None
 
     def sync_pod(self, key: str) -> None:
         pod = self.caches.pods.get(key)
-        existing = self._ports_of(key, pod)
-        tenant = self.tenant_of_namespace(key.partition("/")[0]) if pod is not None else None
-        if pod is None or tenant is None or not model.needs_port(pod):
-            self._delete(existing, why=f"pod {key} is gone or needs no tenant port")
+        ns, _, name = key.partition("/")
+        tenant = self.tenant_of_namespace(ns) if pod is not None else None
+        uid = str(model.meta(pod).get("uid")) if pod is not None else None
+        old_uid = self._seen_uids.get(key)
+        # Ports of an earlier pod of this name (re-created under a new uid): an indexed lookup by
+        # the uid this process last handled. Ports of pods this process never saw (gone while no
+        # controller ran) are orphans; the periodic resync's set difference frees them.
+        stale = self.iaas.ports_of_pod(old_uid) if old_uid and old_uid != uid else []
+        if pod is None or uid is None or tenant is None or not model.needs_port(pod):
+            mine = self.iaas.ports_of_pod(uid) if uid else []
+            self.free_ports([*stale, *mine], why=f"pod {key} is gone or needs no tenant port")
             self._seen_uids.pop(key, None)
             return
-        uid = str(model.meta(pod).get("uid"))
         self._seen_uids[key] = uid
-        port_id = model.port_id_for_pod(uid)
-        # Ports of an earlier pod with the same name, or from a tenant the namespace has left.
-        stale = [p for p in existing if p.id != port_id or p.tenant != tenant]
-        self._delete(stale, why=f"pod {key} was re-created or changed tenant")
+        mine = self.iaas.ports_of_pod(uid)
+        elsewhere = [p for p in mine if p.tenant != tenant]  # the namespace changed tenant
+        port, duplicates = choose_port([p for p in mine if p.tenant == tenant], self._annotation_for(pod))
+        self.free_ports([*stale, *elsewhere, *duplicates], why=f"pod {key} was re-created, changed tenant "
+                        "or held more than one port")
         try:
             net = self.network_for(tenant)
         except TenantNotReady as exc:
@@ -189,18 +273,31 @@ class PortController:
         node = model.node_name(pod)
         node_tenant = model.tenant_label(self.caches.nodes.get(node)) if node else None
         bind_to = node if node and node_tenant == tenant else None
-        port = next((p for p in existing if p.id == port_id and p.tenant == tenant), None)
         if port is None:
-            owner = PortOwner(kind="pod", name=key.partition("/")[2], namespace=key.partition("/")[0],
-                              uid=uid, tenant=tenant)
+            owner = PortOwner(kind="pod", name=name, namespace=ns, uid=uid, tenant=tenant)
             try:
-                port = self.iaas.create_port(net, owner, port_id, node=bind_to)
+                claim = self.iaas.claim_port(net, owner, model.port_id_for_pod(uid), node=bind_to)
             except Exception as exc:
                 self._metric("create", "error")
-                self.recorder.record(pod, "Warning", "PortFailed", f"creating port {port_id}: {exc}")
+                self._problem(tenant, exc)
+                self.recorder.record(pod, "Warning", "PortFailed", f"getting a port for {key}: {exc}")
+                self._tenant_status(tenant, net, count_all=False)
                 raise
-            self._metric("create", "ok")
-            self.recorder.record(pod, "Normal", "PortCreated", f"port {port.id} ip {port.ip} on {net.id}")
+            port = claim.port
+            if not claim.hit:  # the IaaS answered and the subnet had room
+                self._clear_problem(tenant, IAAS_UNAVAILABLE, SUBNET_EXHAUSTED)
+            if not claim.existing:
+                self.pool_stats.count(tenant, claim.hit)
+                self._on_claim(tenant, claim.hit)
+                if claim.hit:
+                    self._metric("claim", "ok")
+                    self.recorder.record(pod, "Normal", "PortClaimed",
+                                         f"port {port.id} ip {port.ip} from the warm pool of {net.id}")
+                else:
+                    self._metric("create", "ok")
+                    self.recorder.record(pod, "Normal", "PortCreated", f"port {port.id} ip {port.ip} on {net.id}")
+                if claim.port.node and claim.port.node == bind_to:
+                    self.recorder.record(pod, "Normal", "PortBound", f"port {port.id} bound to node {node}")
         if node and bind_to is None:
             # Tenants never share VMs: never bind a port to another tenant's node. The CNI on that
             # node refuses the pod too; this Event tells the user why the pod will not start.
@@ -210,21 +307,69 @@ class PortController:
                 f'{"tenant " + repr(node_tenant) if node_tenant else "no tenant"}; not binding its port',
             )
         elif node and port.node != node:
-            self.iaas.bind_port(port.id, node)
+            try:
+                self.iaas.bind_port(port.id, node)
+            except Exception as exc:
+                self._metric("bind", "error")
+                self.recorder.record(pod, "Warning", "PortFailed", f"binding port {port.id} to {node}: {exc}")
+                raise
             self._metric("bind", "ok")
             self.recorder.record(pod, "Normal", "PortBound", f"port {port.id} bound to node {node}")
         want = expected_annotation(port, net.gateway, net.mtu)
         if not annotation_matches(pod, want):
-            ns, _, name = key.partition("/")
             self.writer.patch_pod_annotations(ns, name, {PORT_ANNOTATION: want.to_json()}, uid=uid)
             self._metric("annotate", "ok")
 
-    def _delete(self, ports: list[Port], why: str) -> None:
+    def free_ports(self, ports: list[Port], why: str) -> None:
+        """Ports no pod should keep: back into their tenant's pool while it is below max
+        (scrubbed: new name, new address, no identity), the rest deleted."""
         if not ports:
             return
-        log.info("deleting ports %s: %s", [p.id for p in ports], why)
-        self.iaas.delete_ports([p.id for p in ports])
-        self._metric("delete", "ok")
+        by_tenant: dict[str, list[str]] = {}
+        for p in ports:
+            by_tenant.setdefault(p.tenant, []).append(p.id)
+        for tenant, ids in sorted(by_tenant.items()):
+            size = len(self.iaas.pooled_ports(tenant)) if self.pool.enabled else 0
+            release, delete = split_freed(size, ids, self.pool)
+            if release:
+                log.info("returning ports %s to the pool of %s: %s", release, tenant, why)
+                self.iaas.release_ports(release)
+                self._metric("release", "ok")
+            if delete:
+                log.info("deleting ports %s: %s", delete, why)
+                self.iaas.delete_ports(delete)
+                self._metric("delete", "ok")
+
+    # -- pools -----------------------------------------------------------------------------------
+
+    def refill_pool(self, tenant: str) -> int:
+        """Bring the tenant's pool up to min in batches (one IaaS transaction each) and trim it to
+        max; returns the ports created. Failures become Degraded reasons (the tenant stays Ready:
+        a pod still gets a port on a miss); IaaS errors are raised (retried with back-off)."""
+        if self.caches.tenants.get(tenant) is None:
+            return 0
+        net = self.network_for(tenant)
+        size = len(self.iaas.pooled_ports(tenant))
+        created = 0
+        try:
+            for n in refill_batches(size, self.pool):
+                self.iaas.create_ports(net, [PortRequest(pool_port_id(), None) for _ in range(n)])
+                created += n
+                self._metric("pool-create", "ok")
+            if size > self.pool.ceiling:
+                self.iaas.trim_pool(tenant, self.pool.ceiling)
+        except Exception as exc:
+            self._metric("pool-create", "error")
+            self._problem(tenant, exc, pool=True)
+            self._tenant_status(tenant, net, count_all=False)
+            if isinstance(exc, SubnetExhausted):
+                # Not transient: no retry with back-off; the timer looks again next interval.
+                log.warning("pool of %s not refilled: %s", tenant, exc)
+                return created
+            raise
+        self._clear_problem(tenant, IAAS_UNAVAILABLE, SUBNET_EXHAUSTED, pool=True)
+        self._tenant_status(tenant, net, count_all=False)
+        return created
 
     # -- periodic resync -------------------------------------------------------------------------
 
@@ -235,20 +380,38 @@ class PortController:
         networks = {n.tenant: (n.gateway, n.mtu) for n in self.iaas.list_networks()}
         pods = self.caches.pods.list()
         tenant_of: dict[str, str | None] = {}
+        ns_tenant: dict[str, str | None] = {}
         for pod in pods:
             ns = str(model.meta(pod).get("namespace"))
-            tenant_of[model.key_of(pod)] = self.tenant_of_namespace(ns)
-        return plan_sync(pods, tenant_of, ports, networks)
+            if ns not in ns_tenant:
+                ns_tenant[ns] = self.tenant_of_namespace(ns)
+            tenant_of[model.key_of(pod)] = ns_tenant[ns]
+        return plan_sync(pods, tenant_of, ports, networks, pool_ceiling=self.pool.ceiling)
 
     def resync(self, enqueue_pod: Callable[[str], None], enqueue_tenant: Callable[[str], None]) -> SyncPlan:
-        """Delete orphans now (one transaction); hand everything else to the pod workers."""
+        """Free orphans and duplicates now (a transaction per tenant), trim pools over max; hand
+        everything else to the pod workers."""
         plan = self.plan()
-        if plan.orphan_ports:
-            log.info("resync: deleting %d orphaned ports", len(plan.orphan_ports))
-            self.iaas.delete_ports(plan.orphan_ports)
-            self._metric("delete", "ok")
+        if plan.freed_ports:
+            log.info("resync: freeing %d orphaned and %d duplicate ports",
+                     len(plan.orphan_ports), len(plan.duplicate_ports))
+            tenants: dict[str, list[str]] = {}
+            for pid, tenant in plan.freed_tenants:
+                tenants.setdefault(tenant, []).append(pid)
+            sizes = dict(plan.pool_sizes)
+            for tenant, ids in sorted(tenants.items()):
+                release, delete = split_freed(sizes.get(tenant, 0), ids, self.pool)
+                if release:
+                    self.iaas.release_ports(release)
+                    self._metric("release", "ok")
+                if delete:
+                    self.iaas.delete_ports(delete)
+                    self._metric("delete", "ok")
+        for tenant, keep in plan.pools_over_max:
+            self.iaas.trim_pool(tenant, keep)
+            self._metric("trim", "ok")
         for key in plan.pods_to_sync:
             enqueue_pod(key)
-        for tenant in self.caches.tenants.list():
-            enqueue_tenant(str(model.meta(tenant).get("name")))
+        for obj in self.caches.tenants.list():
+            enqueue_tenant(str(model.meta(obj).get("name")))
         return plan

@@ -9,6 +9,7 @@ orphans after a crash (DESIGN §2).
 from __future__ import annotations
 
 import ipaddress
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from typing import Literal
 from netctl import ipam
 
 OwnerKind = Literal["pod", "node"]
+# A pod port's intent, stored on the port itself (CONVENTIONS.md): "pooled" = warm and unowned,
+# "bound" = owned by the pod named in its identity. Node NICs carry no state.
+PortState = Literal["pooled", "bound"]
+POOL_PREFIX = "pool-"
 
 MTU_MIN = 576
 MTU_MAX = 9216
@@ -114,6 +119,18 @@ class Port:
     owner: PortOwner | None
     node: str | None
     extra_ips: tuple[str, ...] = ()
+    state: PortState | None = None
+
+    @property
+    def pooled(self) -> bool:
+        return self.state == "pooled"
+
+    @property
+    def pod_uid(self) -> str | None:
+        """The uid of the pod the port is bound to (None for pooled ports and node NICs)."""
+        if self.owner is None or self.owner.kind != "pod" or self.state == "pooled":
+            return None
+        return self.owner.uid
 
     @property
     def cidr(self) -> str:
@@ -130,6 +147,23 @@ class PortRequest:
     node: str | None = None
     extra_allowed_cidrs: tuple[str, ...] = field(default=())
 
+    @property
+    def state(self) -> PortState | None:
+        """Pod ports are created bound, owner-less ones pooled (node NICs have no state)."""
+        if self.owner is None:
+            return "pooled"
+        return "bound" if self.owner.kind == "pod" else None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `IaaS.claim_port` did: `hit` = a pooled port was taken, else one was created
+    (`existing` = the pod already had a bound port, returned unchanged)."""
+
+    port: Port
+    hit: bool
+    existing: bool = False
+
 
 def port_id_for(owner: PortOwner) -> str:
     """The deterministic port id of CONVENTIONS.md (`pod-<uid>`, `node-<name>`), so a port re-created
@@ -139,6 +173,11 @@ def port_id_for(owner: PortOwner) -> str:
             raise ValueError(f"pod {owner.namespace}/{owner.name} has no uid")
         return f"pod-{owner.uid}"
     return f"node-{owner.name}"
+
+
+def pool_port_id() -> str:
+    """A fresh name for a pooled port: random, since a pooled port belongs to nobody yet."""
+    return POOL_PREFIX + secrets.token_hex(8)
 
 
 class IaaS(ABC):
@@ -176,6 +215,32 @@ class IaaS(ABC):
         request order (existing ids are returned unchanged)."""
 
     @abstractmethod
+    def claim_port(self, network: Network, owner: PortOwner, fallback_id: str, node: str | None = None) -> Claim:
+        """Give the pod a port in ONE transaction, intent included: the pod's bound port if it
+        has one; else a pooled port of the network, its identity (state=bound, pod, node) written
+        only if it is still pooled (two claimers can never take the same one); else a new port
+        `fallback_id` created bound."""
+
+    @abstractmethod
+    def release_ports(self, port_ids: Iterable[str]) -> list[Port]:
+        """Scrub ports back into their network's pool in one transaction per network: identity
+        and binding cleared, state=pooled, a fresh name and a fresh address (see CONVENTIONS.md).
+        Missing ports are skipped; returns the pooled ports."""
+
+    @abstractmethod
+    def trim_pool(self, tenant: str, keep: int) -> int:
+        """Delete the tenant's pooled ports beyond `keep` (only ports still pooled when the
+        transaction runs); returns how many went."""
+
+    @abstractmethod
+    def ports_of_pod(self, uid: str) -> list[Port]:
+        """Every port bound to the pod with this uid (normally one; an indexed lookup)."""
+
+    @abstractmethod
+    def pooled_ports(self, tenant: str) -> list[Port]:
+        """The tenant network's pooled ports (an indexed lookup)."""
+
+    @abstractmethod
     def bind_port(self, port_id: str, node: str) -> Port:
         """Bind the port to `node` (the data path comes up there); PortNotFound if it is gone."""
 
@@ -207,6 +272,7 @@ class IaaS(ABC):
 
 
 __all__ = [
+    "Claim",
     "IaaS",
     "IaaSConflict",
     "IaaSError",
@@ -219,6 +285,8 @@ __all__ = [
     "PortNotFound",
     "PortOwner",
     "PortRequest",
+    "PortState",
     "SubnetExhausted",
+    "pool_port_id",
     "port_id_for",
 ]

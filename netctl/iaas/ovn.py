@@ -47,6 +47,7 @@ from ovsdbapp.schema.ovn_northbound.impl_idl import OvnNbApiIdlImpl
 
 from netctl import ipam
 from netctl.iaas.base import (
+    Claim,
     IaaS,
     IaaSConflict,
     IaaSError,
@@ -58,7 +59,9 @@ from netctl.iaas.base import (
     PortNotFound,
     PortOwner,
     PortRequest,
+    PortState,
     SubnetExhausted,
+    pool_port_id,
 )
 from netctl.ovsdb import per_instance_connection
 
@@ -79,6 +82,7 @@ K_POD_UID = "netctl:pod-uid"
 K_NAMESPACE = "netctl:namespace"
 K_POD = "netctl:pod"
 K_NODE = "netctl:node"
+K_STATE = "netctl:state"  # pooled | bound: the port's intent, written with its identity
 # the Logical_Switch_Port columns whose addresses count as held
 _ADDRESS_COLUMNS = ("addresses", "dynamic_addresses", "port_security")
 REQUESTED_CHASSIS = "requested-chassis"
@@ -117,6 +121,14 @@ def _strings(row: Any, column: str) -> Iterable[str]:
         return [atom.value for atom in row._data[column].values]
     except (AttributeError, KeyError, TypeError):
         return getattr(row, column)
+
+
+def _string(row: Any, column: str) -> str:
+    """A plain string column, read from the raw datum."""
+    try:
+        return str(next(iter(row._data[column].values)).value)
+    except (AttributeError, KeyError, TypeError, StopIteration):
+        return str(getattr(row, column))
 
 
 def _row_ips(lsp: Any) -> frozenset[int]:
@@ -214,6 +226,10 @@ class _NbIdl(ovsdb_connection.OvsdbIdl):
         self.port_ips: dict[uuid.UUID, frozenset[int]] = {}
         self.port_switches: dict[uuid.UUID, set[uuid.UUID]] = {}
         self.switches: dict[uuid.UUID, _SwitchState] = {}
+        # who each port belongs to, so a pod's ports and a tenant's pool are found without a scan
+        self.port_keys: dict[uuid.UUID, tuple[str | None, str | None]] = {}  # row -> (bound uid, pool tenant)
+        self.pod_ports: dict[str, set[uuid.UUID]] = {}
+        self.pool_ports: dict[str, set[uuid.UUID]] = {}
         self.index_stale = False
         super().__init__(*args, **kwargs)
 
@@ -241,18 +257,39 @@ class _NbIdl(ovsdb_connection.OvsdbIdl):
         self.port_ips = {}
         self.port_switches = {}
         self.switches = {}
+        self.port_keys, self.pod_ports, self.pool_ports = {}, {}, {}
         self.index_stale = False
+
+    def _set_identity(self, port: uuid.UUID, key: tuple[str | None, str | None]) -> None:
+        old = self.port_keys.pop(port, (None, None))
+        if old == key and key != (None, None):
+            self.port_keys[port] = key
+            return
+        for value, index in zip(old, (self.pod_ports, self.pool_ports), strict=True):
+            if value is not None and (members := index.get(value)) is not None:
+                members.discard(port)
+                if not members:
+                    del index[value]
+        if key != (None, None):
+            self.port_keys[port] = key
+            for value, index in zip(key, (self.pod_ports, self.pool_ports), strict=True):
+                if value is not None:
+                    index.setdefault(value, set()).add(port)
 
     def _port_changed(self, event: str, row: Any, updates: Any) -> None:
         if event == ovs_idl.ROW_DELETE:
             self._set_port_ips(row.uuid, frozenset())
             self.port_ips.pop(row.uuid, None)
+            self._set_identity(row.uuid, (None, None))
         elif event == ovs_idl.ROW_CREATE:
             self._set_port_ips(row.uuid, _row_ips(row))
+            self._set_identity(row.uuid, _identity(row.external_ids))
         else:
             old = getattr(updates, "_data", None)
             if old is None or any(c in old for c in _ADDRESS_COLUMNS):
                 self._set_port_ips(row.uuid, _row_ips(row))
+            if old is None or "external_ids" in old:
+                self._set_identity(row.uuid, _identity(row.external_ids))
 
     def _switch_changed(self, event: str, row: Any, updates: Any) -> None:
         if event == ovs_idl.ROW_DELETE:
@@ -324,7 +361,10 @@ class _NbIdl(ovsdb_connection.OvsdbIdl):
         """Re-derive the whole index from the replica (after a reload, or if it went astray)."""
         self.port_ips = {}
         self.port_switches = {}
+        self.port_keys, self.pod_ports, self.pool_ports = {}, {}, {}
         self.index_stale = False
+        for lsp in list(self.tables[LSP].rows.values()):
+            self._set_identity(lsp.uuid, _identity(lsp.external_ids))
         for ls in list(self.tables[LS].rows.values()):
             self._reindex_switch(ls)
         for sw in [u for u in self.switches if u not in self.tables[LS].rows]:
@@ -343,6 +383,12 @@ class _NbIdl(ovsdb_connection.OvsdbIdl):
             self._reindex_switch(ls)
             state = self.switches[ls.uuid]
         return state
+
+    def identity_index(self) -> tuple[dict[str, set[uuid.UUID]], dict[str, set[uuid.UUID]]]:
+        """(pod uid -> bound port rows, tenant -> pooled port rows), rebuilt first if stale."""
+        if self.index_stale:
+            self.rebuild_index()
+        return self.pod_ports, self.pool_ports
 
     def used_ips(self, ls: Any) -> set[int]:
         """Every address held by the switch's ports (from the index)."""
@@ -370,6 +416,29 @@ def _network_from_row(ls: Any) -> Network | None:
     )
 
 
+def _state(ids: dict[str, str]) -> PortState | None:
+    """The port's intent; a pod port written before states existed counts as bound."""
+    state = ids.get(K_STATE)
+    if state == "pooled":
+        return "pooled"
+    if state == "bound":
+        return "bound"
+    return "bound" if ids.get(K_OWNER) == "pod" else None
+
+
+def _identity(ids: dict[str, str]) -> tuple[str | None, str | None]:
+    """(uid of the pod the port is bound to, tenant whose pool it is in), for the index."""
+    tenant = ids.get(K_TENANT)
+    if not tenant:
+        return None, None
+    state = _state(ids)
+    if state == "pooled":
+        return None, tenant
+    if state == "bound" and ids.get(K_OWNER) == "pod":
+        return ids.get(K_POD_UID) or None, None
+    return None, None
+
+
 def _owner_from_ids(ids: dict[str, str]) -> PortOwner | None:
     kind = ids.get(K_OWNER)
     if kind == "pod":
@@ -379,16 +448,27 @@ def _owner_from_ids(ids: dict[str, str]) -> PortOwner | None:
     return None
 
 
-def _port_from_row(lsp: Any, prefixlen: int) -> Port | None:
-    ids = dict(lsp.external_ids)
+def _string_map(row: Any, column: str) -> dict[str, str]:
+    """A string map column, read from the raw datum (as `_strings`: no per-read conversion)."""
+    try:
+        return {k.value: v.value for k, v in row._data[column].values.items()}
+    except (AttributeError, KeyError, TypeError):
+        return dict(getattr(row, column))
+
+
+def _port_from_row(lsp: Any, prefixlen: int, ids: dict[str, str] | None = None) -> Port | None:
+    if ids is None:
+        ids = _string_map(lsp, "external_ids")
     tenant = ids.get(K_TENANT)
-    if not tenant or not lsp.addresses:
+    addresses = sorted(_strings(lsp, "addresses"))
+    if not tenant or not addresses:
         return None
-    mac, _, rest = lsp.addresses[0].partition(" ")
+    mac, _, rest = addresses[0].partition(" ")
     ip = rest.split()[0] if rest.split() else ""
-    sec = lsp.port_security[0].split() if lsp.port_security else []
+    security = sorted(_strings(lsp, "port_security"))
+    sec = security[0].split() if security else []
     return Port(
-        id=lsp.name,
+        id=_string(lsp, "name"),
         network_id=switch_name(tenant),
         tenant=tenant,
         mac=mac,
@@ -397,11 +477,15 @@ def _port_from_row(lsp: Any, prefixlen: int) -> Port | None:
         owner=_owner_from_ids(ids),
         node=ids.get(K_NODE),
         extra_ips=tuple(t for t in sec[1:] if t != ip),
+        state=_state(ids),
     )
 
 
-def _port_ids(net: Network, owner: PortOwner | None, node: str | None) -> dict[str, str]:
+def _port_ids(net: Network, owner: PortOwner | None, node: str | None,
+              state: PortState | None = None) -> dict[str, str]:
     ids = {K_TENANT: net.tenant}
+    if state is not None:
+        ids[K_STATE] = state
     if owner is not None:
         ids[K_OWNER] = owner.kind
         if owner.kind == "pod":
@@ -488,12 +572,89 @@ class _CreatePorts(ovsdb_command.BaseCommand):
         lsp.name = req.port_id
         lsp.addresses = [f"{mac} {ip}"]
         lsp.port_security = [" ".join([mac, ip, *req.extra_allowed_cidrs])]
-        lsp.external_ids = _port_ids(net, req.owner, req.node)
+        lsp.external_ids = _port_ids(net, req.owner, req.node, req.state)
         if req.node:
             lsp.options = {REQUESTED_CHASSIS: self.iaas.chassis_of(req.node)}
         ls.addvalue("ports", lsp)
         return Port(req.port_id, net.id, net.tenant, mac, ip, net.prefixlen, req.owner, req.node,
-                    tuple(req.extra_allowed_cidrs))
+                    tuple(req.extra_allowed_cidrs), req.state)
+
+
+class _ClaimPort(_CreatePorts):
+    """The pod's bound port if it has one, else a pooled port (identity and binding written only
+    if the row is still pooled: verify makes a concurrent claimer's transaction "try again"),
+    else a new port: one transaction, so the intent is on the port before anyone annotates."""
+
+    def __init__(self, iaas: OvnIaaS, switch: str, owner: PortOwner, fallback_id: str, node: str | None) -> None:
+        super().__init__(iaas, switch, [PortRequest(fallback_id, owner, node)])
+        self.owner = owner
+        self.node = node
+        self.claim: Claim | None = None
+
+    def run_idl(self, txn: Any) -> None:
+        ls = self.api.lookup(LS, self.switch, default=None)
+        net = _network_from_row(ls) if ls is not None else None
+        if ls is None or net is None:
+            raise NetworkNotFound(f"no network {self.switch}")
+        pod_ports, pool_ports = self.api.idl.identity_index()
+        rows = self.api.tables[LSP].rows
+        mine = sorted((r for u in pod_ports.get(str(self.owner.uid), ()) if (r := rows.get(u)) is not None),
+                      key=lambda r: r.name)
+        if mine:
+            port = _port_from_row(mine[0], net.prefixlen)
+            if port is not None:
+                self.claim = Claim(port, hit=False, existing=True)
+                return
+        pooled = [r for u in pool_ports.get(net.tenant, ()) if (r := rows.get(u)) is not None]
+        if pooled:
+            lsp = min(pooled, key=lambda r: r.name)
+            lsp.verify("external_ids")
+            lsp.external_ids = _port_ids(net, self.owner, self.node, "bound")
+            if self.node:
+                lsp.setkey("options", REQUESTED_CHASSIS, self.iaas.chassis_of(self.node))
+            mac, _, rest = lsp.addresses[0].partition(" ")
+            self.claim = Claim(Port(lsp.name, net.id, net.tenant, mac, rest.split()[0], net.prefixlen,
+                                     self.owner, self.node, (), "bound"), hit=True)
+            return
+        super().run_idl(txn)
+        self.claim = Claim(self.result[0], hit=False)
+
+
+class _ReleasePorts(_CreatePorts):
+    """Scrub ports of one switch back into its pool: a fresh name (a node still plugged with the
+    old name as iface-id no longer matches, and a stale id can never reach the port's next
+    owner), a fresh address from the rotating allocator (a dead pod's address is not handed out
+    again at once), no identity, no binding."""
+
+    def __init__(self, iaas: OvnIaaS, switch: str, port_ids: Sequence[str]) -> None:
+        super().__init__(iaas, switch, [])
+        self.port_ids = port_ids
+
+    def _create(self, txn: Any, ls: Any, net: Network, state: _SwitchState,
+                alloc: ipam.SubnetAllocator) -> list[Port]:
+        out: list[Port] = []
+        last = None
+        for pid in self.port_ids:
+            lsp = self.api.lookup(LSP, pid, default=None)
+            if lsp is None or lsp.external_ids.get(K_TENANT) != net.tenant:
+                continue
+            new_id = pool_port_id()
+            try:
+                ip = alloc.allocate(new_id)
+            except ipam.SubnetExhausted as e:
+                raise SubnetExhausted(f"network {net.id}: {e}") from None
+            state.inflight.add(int(ipaddress.IPv4Address(ip)))
+            # The row is replaced rather than renamed in place: ovs.db.idl's client-side name
+            # index cannot follow a change of an indexed column. Same transaction, same effect.
+            ls.delvalue("ports", lsp)
+            lsp.delete()
+            out.append(self._insert(txn, ls, net, PortRequest(new_id, None), ip))
+            last = ip
+        if last is not None:
+            gen = ls.external_ids.get(K_GENERATION, "0")
+            ls.setkey("external_ids", K_GENERATION, str(int(gen) + 1 if gen.isdigit() else 1))
+            ls.setkey("external_ids", K_LAST_IP, last)
+        return out
 
 
 class _DeletePorts(ovsdb_command.BaseCommand):
@@ -515,6 +676,30 @@ class _DeletePorts(ovsdb_command.BaseCommand):
             if ls is not None:
                 ls.delvalue("ports", lsp)
             lsp.delete()
+
+
+class _TrimPool(ovsdb_command.BaseCommand):
+    """Delete a tenant's pooled ports beyond `keep`, choosing them inside the transaction (a port
+    claimed meanwhile is no longer pooled, so it is never taken; verify covers other processes)."""
+
+    def __init__(self, api: Any, tenant: str, keep: int) -> None:
+        super().__init__(api)
+        self.tenant = tenant
+        self.keep = keep
+
+    def run_idl(self, txn: Any) -> None:
+        _, pool_ports = self.api.idl.identity_index()
+        rows = self.api.tables[LSP].rows
+        pooled = sorted((r for u in pool_ports.get(self.tenant, ()) if (r := rows.get(u)) is not None),
+                        key=lambda r: r.name)
+        doomed = pooled[self.keep:]
+        ls = self.api.lookup(LS, switch_name(self.tenant), default=None) if doomed else None
+        for lsp in doomed:
+            lsp.verify("external_ids")
+            if ls is not None:
+                ls.delvalue("ports", lsp)
+            lsp.delete()
+        self.result = len(doomed)
 
 
 class OvnIaaS(IaaS):
@@ -643,6 +828,50 @@ class OvnIaaS(IaaS):
             return PortRequest(req.port_id, owner, owner.name, req.extra_allowed_cidrs)
         return req
 
+    def claim_port(self, network: Network, owner: PortOwner, fallback_id: str, node: str | None = None) -> Claim:
+        self._checked(network, PortRequest(fallback_id, owner, node))
+        with self._switch_lock(network.id):
+            cmd = _ClaimPort(self, network.id, owner, fallback_id, node)
+            self._commit(cmd)
+        assert cmd.claim is not None
+        return cmd.claim
+
+    def release_ports(self, port_ids: Iterable[str]) -> list[Port]:
+        by_switch: dict[str, list[str]] = {}
+        with self._api.ovsdb_connection.lock:
+            for pid in port_ids:
+                lsp = self._api.lookup(LSP, pid, default=None)
+                tenant = lsp.external_ids.get(K_TENANT) if lsp is not None else None
+                if tenant:
+                    by_switch.setdefault(switch_name(tenant), []).append(pid)
+        out: list[Port] = []
+        for switch, ids in sorted(by_switch.items()):
+            with self._switch_lock(switch):
+                (ports,) = self._commit(_ReleasePorts(self, switch, ids))
+            out.extend(ports)
+        return out
+
+    def trim_pool(self, tenant: str, keep: int) -> int:
+        with self._switch_lock(switch_name(tenant)):
+            (n,) = self._commit(_TrimPool(self._api, tenant, max(0, keep)))
+        return int(n)
+
+    def ports_of_pod(self, uid: str) -> list[Port]:
+        with self._api.ovsdb_connection.lock:
+            pod_ports, _ = self._api.idl.identity_index()
+            return self._rows_as_ports(pod_ports.get(uid, ()))
+
+    def pooled_ports(self, tenant: str) -> list[Port]:
+        with self._api.ovsdb_connection.lock:
+            _, pool_ports = self._api.idl.identity_index()
+            return self._rows_as_ports(pool_ports.get(tenant, ()))
+
+    def _rows_as_ports(self, uuids: Iterable[uuid.UUID]) -> list[Port]:
+        rows = self._api.tables[LSP].rows
+        cache: dict[str, int | None] = {}
+        ports = [self._port(r, cache) for u in list(uuids) if (r := rows.get(u)) is not None]
+        return sorted((p for p in ports if p is not None), key=lambda p: p.id)
+
     def bind_port(self, port_id: str, node: str) -> Port:
         port = self.get_port(port_id)
         if port is None:
@@ -690,7 +919,8 @@ class OvnIaaS(IaaS):
 
     def _port(self, lsp: Any, prefix_cache: dict[str, int | None]) -> Port | None:
         """Row -> Port (None if not netctl's); the caller holds the connection lock."""
-        tenant = lsp.external_ids.get(K_TENANT)
+        ids = _string_map(lsp, "external_ids")
+        tenant = ids.get(K_TENANT)
         if not tenant:
             return None
         if tenant not in prefix_cache:
@@ -698,7 +928,7 @@ class OvnIaaS(IaaS):
             net = _network_from_row(ls) if ls is not None else None
             prefix_cache[tenant] = net.prefixlen if net is not None else None
         plen = prefix_cache[tenant]
-        return _port_from_row(lsp, plen) if plen is not None else None
+        return _port_from_row(lsp, plen, ids) if plen is not None else None
 
 
 __all__ = ["OvnIaaS", "switch_name"]
