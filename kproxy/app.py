@@ -6,6 +6,12 @@ EndpointSlice version the server serves (``discovery.k8s.io/v1``, else ``v1beta1
 tenant scope (``kproxy.scope``), and only when every watch has listed once call
 ``Proxier.mark_initialized`` — no rule is written from a half-listed world.
 
+While running, the Node's label is re-read every ``node_check_period_s``: when the node moves to
+another tenant (or loses its label) kproxy stops, deletes its table — no rule of a tenant it no
+longer serves may stay — and exits with status 3 (``EXIT_TENANT_CHANGED``); the new tenant's
+DaemonSet pod takes over from a clean start. ``proxy_name`` widens the Service selection to
+Services labelled ``service.kubernetes.io/service-proxy-name=<proxy_name>`` (``proxyable_selector``).
+
 /healthz (kube-proxy's semantics, port 10256): unhealthy when a change has been waiting longer
 than ``healthz_stale_s`` for a successful sync (pending since the first change after the last
 successful sync, or since a failed sync). An idle proxy with nothing to do stays healthy.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kproxy.config import TENANT_LABEL, KproxyConfig
 from kproxy.nft import Backend
-from kproxy.proxier import Proxier, SyncLoop, SyncResult, SyncScheduler
+from kproxy.proxier import ConntrackCleaner, Proxier, SyncLoop, SyncResult, SyncScheduler
 from kproxy.render import RenderConfig
 from kproxy.scope import InformerFactory, TenantScope
 from netctl.kube.client import api_path, new_api_client, request_json
@@ -39,6 +46,15 @@ SLICE_VERSIONS = ("v1", "v1beta1")  # preferred first
 # What kube-proxy also filters server-side: Services (and their slices) meant for another proxy,
 # and headless Services' slices, never reach us.
 PROXYABLE_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+# With a proxy name, Services labelled with it are ours too; a label selector cannot say "absent
+# or equal to", so the proxy-name filter moves client-side (``model.is_proxied``). What then
+# reaches us extra are Services of *our own tenant* meant for another proxy: never another tenant's.
+NAMED_PROXY_SELECTOR = "!service.kubernetes.io/headless"
+EXIT_TENANT_CHANGED = 3
+
+
+def proxyable_selector(proxy_name: str | None) -> str:
+    return NAMED_PROXY_SELECTOR if proxy_name else PROXYABLE_SELECTOR
 
 
 class KproxyError(RuntimeError):
@@ -67,13 +83,15 @@ def node_tenant(api: Any, node_name: str) -> str | None:
 
 
 def wait_for_tenant(
-    api: Any, node_name: str, stop: threading.Event, *, backoff_max_s: float = 30.0
+    read: Callable[[], str | None], node_name: str, stop: threading.Event, *, backoff_max_s: float = 30.0
 ) -> str | None:
-    """The Node's tenant label; waits (backoff) while the Node is missing or unlabelled. None if stopped."""
+    """The Node's tenant label (``read``); waits (backoff) while the Node is missing or unlabelled.
+
+    None if stopped."""
     delay = 0.5
     while not stop.is_set():
         try:
-            tenant = node_tenant(api, node_name)
+            tenant = read()
             if tenant:
                 return tenant
             why = f"Node {node_name} has no {TENANT_LABEL} label"
@@ -92,9 +110,11 @@ class ApiInformerFactory:
     """``kproxy.scope.InformerFactory`` over ``netctl.kube`` informers: every watch namespace-scoped."""
 
     def __init__(
-        self, api: Any, *, slice_version: str = "v1", resync_period_s: float = 0.0, watch_timeout_s: float = 300.0
+        self, api: Any, *, slice_version: str = "v1", resync_period_s: float = 0.0, watch_timeout_s: float = 300.0,
+        proxy_name: str | None = None,
     ) -> None:
         self._api = api
+        self._selector = proxyable_selector(proxy_name)
         self._slice_version = slice_version
         self._resync = resync_period_s
         self._watch_timeout = watch_timeout_s
@@ -107,13 +127,13 @@ class ApiInformerFactory:
         return self._informer("kproxy-namespaces", lw)
 
     def services(self, namespace: str) -> Informer:
-        lw = ApiListWatch(self._api, plural="services", namespace=namespace, label_selector=PROXYABLE_SELECTOR)
+        lw = ApiListWatch(self._api, plural="services", namespace=namespace, label_selector=self._selector)
         return self._informer(f"kproxy-services-{namespace}", lw)
 
     def endpoint_slices(self, namespace: str) -> Informer:
         lw = ApiListWatch(
             self._api, plural="endpointslices", group=DISCOVERY_GROUP, version=self._slice_version,
-            namespace=namespace, label_selector=PROXYABLE_SELECTOR,
+            namespace=namespace, label_selector=self._selector,
         )  # fmt: skip
         return self._informer(f"kproxy-endpointslices-{namespace}", lw)
 
@@ -188,6 +208,8 @@ class KproxyApp:
         backend: Backend | None = None,
         factory: InformerFactory | None = None,
         registry: CollectorRegistry | None = None,
+        conntrack: ConntrackCleaner | None = None,
+        node_tenant_reader: Callable[[], str | None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
@@ -202,6 +224,11 @@ class KproxyApp:
         self._backend = backend
         self._own_backend = backend is None
         self._factory = factory
+        self._conntrack = conntrack  # with an injected backend: none unless given too
+        self._read_tenant = node_tenant_reader  # default: GET our Node
+        self._node_thread: threading.Thread | None = None
+        self.exit_code = 0
+        self.exit_reason: str | None = None
         self.proxier: _HealthReportingProxier | None = None
         self.loop: SyncLoop | None = None
         self.scope: TenantScope | None = None
@@ -222,8 +249,12 @@ class KproxyApp:
         self.metrics_server.start()
         if self._api is None:
             self._api = new_api_client(cfg.kubeconfig, pool_maxsize=64)
+        if self._read_tenant is None:
+            api = self._api
+            self._read_tenant = lambda: node_tenant(api, cfg.node_name)
+        follow_node = self.tenant is None and cfg.node_check_period_s > 0
         if self.tenant is None:
-            self.tenant = wait_for_tenant(self._api, cfg.node_name, self._stop)
+            self.tenant = wait_for_tenant(self._read_tenant, cfg.node_name, self._stop)
             if self.tenant is None:
                 return False
         log.info("kproxy on node %s proxies tenant %s into table ip %s%s", cfg.node_name, self.tenant, cfg.table,
@@ -231,12 +262,15 @@ class KproxyApp:
         if self._factory is None:
             version = slice_version(self._api)
             log.info("watching EndpointSlices as %s/%s", DISCOVERY_GROUP, version)
-            self._factory = ApiInformerFactory(self._api, slice_version=version, resync_period_s=cfg.resync_period_s)
+            self._factory = ApiInformerFactory(self._api, slice_version=version, resync_period_s=cfg.resync_period_s,
+                                               proxy_name=cfg.proxy_name)  # fmt: skip
         if self._backend is None:
-            self._backend = _make_backend(cfg.netns_name)
+            self._backend, self._conntrack = _make_backend(cfg.netns_name)
         proxier = _HealthReportingProxier(
-            self._backend, RenderConfig(table=cfg.table, buckets=cfg.buckets), registry=self.registry,
-            on_change=self._changed,
+            self._backend, RenderConfig(table=cfg.table, buckets=cfg.buckets, node_name=cfg.node_name),
+            registry=self.registry,
+            on_change=self._changed, conntrack=self._conntrack, proxy_name=cfg.proxy_name,
+            verify_elements_period_s=cfg.verify_elements_period_s or math.inf,
         )  # fmt: skip
         proxier.health = self.health
         self.proxier = proxier
@@ -247,7 +281,48 @@ class KproxyApp:
         self.scope.start()
         self._init_thread = threading.Thread(target=self._initialize, name="kproxy-init", daemon=True)
         self._init_thread.start()
+        if follow_node:
+            self._node_thread = threading.Thread(target=self._follow_node, name="kproxy-node", daemon=True)
+            self._node_thread.start()
         return True
+
+    def _follow_node(self) -> None:
+        """Re-read the Node's tenant label; on a change, drop the old tenant's rules and exit.
+
+        Why exit rather than re-scope in place: the process then starts from nothing for the new
+        tenant (fresh credentials from the DaemonSet of that tenant, fresh watches, a full sync),
+        and the old tenant's rules must not outlive the move — they are removed first.
+        """
+        assert self._read_tenant is not None
+        while not self._stop.wait(self.cfg.node_check_period_s):
+            try:
+                tenant = self._read_tenant()
+            except Exception as e:  # API hiccup: keep serving what we have, ask again later
+                log.warning("cannot re-read Node %s: %s: %s", self.cfg.node_name, type(e).__name__, e)
+                continue
+            if tenant == self.tenant:
+                continue
+            self.exit_reason = (
+                f"Node {self.cfg.node_name} moved from tenant {self.tenant} to "
+                f"{tenant or 'no tenant'}: removed tenant {self.tenant}'s rules; exiting for a restart"
+            )
+            self._retire()
+            log.error("%s", self.exit_reason)
+            self.exit_code = EXIT_TENANT_CHANGED
+            self._stop.set()
+            return
+
+    def _retire(self) -> None:
+        """Stop watching and syncing, then delete our table (the rules of a tenant we no longer serve)."""
+        if self.scope is not None:
+            self.scope.stop()
+        if self.loop is not None:
+            self.loop.stop()
+        if self._backend is not None:
+            try:
+                self._backend.remove(RenderConfig(table=self.cfg.table))
+            except Exception as e:
+                log.error("removing table ip %s failed: %s", self.cfg.table, e)
 
     def _initialize(self) -> None:
         assert self.scope is not None and self.proxier is not None
@@ -274,13 +349,15 @@ class KproxyApp:
             self.metrics.namespaces.set(len(self.scope.namespaces()))
 
     def run(self) -> int:
-        """Start, then block until ``stop()`` (from a signal handler or another thread)."""
+        """Start, then block until ``stop()`` (a signal handler, another thread, a tenant change).
+
+        Returns the exit status: 0, or ``EXIT_TENANT_CHANGED`` when the Node changed tenant."""
         try:
             if self.start():
                 self._stop.wait()
         finally:
             self.shutdown()
-        return 0
+        return self.exit_code
 
     def stop(self) -> None:
         self._stop.set()
@@ -327,11 +404,14 @@ class _CheckedSink:
         self._proxier.on_slice(obj, deleted=deleted)
 
 
-def _make_backend(netns: str | None) -> Backend:
+def _make_backend(netns: str | None) -> tuple[Backend, ConntrackCleaner]:
+    """The nftables backend and the conntrack cleaner, both acting where the rules live."""
     if netns:
         from kproxy.netns import NetnsBackend
 
-        return NetnsBackend(netns)
+        backend = NetnsBackend(netns)
+        return backend, backend.delete_flows
+    from kproxy.conntrack import delete_flows
     from kproxy.nft import NftablesBackend
 
-    return NftablesBackend()
+    return NftablesBackend(), delete_flows

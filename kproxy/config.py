@@ -35,7 +35,8 @@ class KproxyConfig(CommonConfig):
     )
     table: str = dataclasses.field(default="kproxy", metadata={"help": "the nftables table (family ip) kproxy owns"})
     buckets: int = dataclasses.field(
-        default=64, metadata={"help": "endpoint slots per service frontend (random selection granularity)"}
+        default=256, metadata={"help": "endpoint slots of a frontend with more than 32 endpoints (up to 32, each "
+                                       "endpoint gets exactly one slot; above this many only the first get traffic)"}
     )
     min_sync_period_s: float = dataclasses.field(
         default=1.0, metadata={"help": "minimum seconds between two syncs; changes inside it are coalesced"}
@@ -46,6 +47,13 @@ class KproxyConfig(CommonConfig):
     verify_period_s: float = dataclasses.field(
         default=10.0,
         metadata={"help": "seconds between checks that our table is intact; a flushed/edited table is rebuilt"},
+    )
+    verify_elements_period_s: float = dataclasses.field(
+        default=60.0,
+        metadata={
+            "help": "seconds between the element-level checks (every map element as we wrote it; O(elements), "
+            "done within a verification) — a deleted or edited element is restored (0 = never)"
+        },
     )
     healthz_bind_address: str = dataclasses.field(
         default="127.0.0.1", metadata={"help": "address of the kube-proxy style /healthz endpoint"}
@@ -68,6 +76,20 @@ class KproxyConfig(CommonConfig):
     service_cidr: str | None = dataclasses.field(
         default=None,
         metadata={"help": "the cluster's Service CIDR; Services with cluster IPs outside it are logged (optional)"},
+    )
+    proxy_name: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "also proxy Services labelled service.kubernetes.io/service-proxy-name=<this>; Services "
+            "labelled with another name are always skipped (default: only unlabelled Services)"
+        },
+    )
+    node_check_period_s: float = dataclasses.field(
+        default=10.0,
+        metadata={
+            "help": f"seconds between reads of the Node's {TENANT_LABEL} label; when it changes kproxy removes "
+            "its table and exits (status 3) for the DaemonSet to restart it for the new tenant (0 = never)"
+        },
     )
     leader_elect: bool = dataclasses.field(
         default=False, metadata={"help": "not supported: kproxy runs once per node, never elected"}
@@ -93,7 +115,9 @@ class KproxyConfig(CommonConfig):
             raise ConfigError(f"buckets: must be within 1..4096, got {self.buckets}")
         if not 0 < self.min_sync_period_s < math.inf:
             raise ConfigError(f"min_sync_period_s: must be positive, got {self.min_sync_period_s}")
-        for name in ("sync_period_s", "verify_period_s"):
+        if self.proxy_name is not None and not self.proxy_name:
+            raise ConfigError("proxy_name: must not be empty (leave it unset for unlabelled Services only)")
+        for name in ("sync_period_s", "verify_period_s", "node_check_period_s", "verify_elements_period_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.healthz_stale_s <= 0:

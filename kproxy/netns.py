@@ -4,7 +4,8 @@ libnftables acts in the netns of the calling thread, and switching a thread of a
 (pytest, the lab) between namespaces is fragile. ``NetnsBackend`` instead starts a fresh
 interpreter (multiprocessing ``spawn``: no inherited threads or locks), which setns(2)s into the
 named netns once and then serves backend calls over a pipe. It implements the same ``Backend``
-interface, so the proxier, the data-plane tests and the benchmark use it unchanged.
+interface, so the proxier, the data-plane tests and the benchmark use it unchanged; ``run``
+executes other module-level functions there too (``kproxy.conntrack.delete_flows``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from kproxy import conntrack
+from kproxy.conntrack import FlowFilter
+from kproxy.nft import Contents
 from kproxy.render import RenderConfig
 
 CLONE_NEWNET = 0x40000000
@@ -63,14 +68,16 @@ class NetnsBackend:
         self._proc = ctx.Process(target=_serve, args=(child, netns), daemon=True)
         self._proc.start()
         child.close()
+        self._lock = threading.Lock()  # one request/reply at a time on the pipe (sync vs conntrack vs verify)
         ok, value = self._conn.recv()
         if not ok:
             self.close()
             raise value
 
     def _call(self, target: str | Callable[..., Any], *args: Any) -> Any:
-        self._conn.send((target, args))
-        ok, value = self._conn.recv()
+        with self._lock:
+            self._conn.send((target, args))
+            ok, value = self._conn.recv()
         if not ok:
             raise value
         return value
@@ -78,12 +85,17 @@ class NetnsBackend:
     def apply(self, script: str) -> None:
         self._call("apply", script)
 
-    def verify(self, cfg: RenderConfig) -> str | None:
-        result: str | None = self._call("verify", cfg)
+    def verify(self, cfg: RenderConfig, expected: Contents | None = None) -> str | None:
+        result: str | None = self._call("verify", cfg, expected)
         return result
 
     def remove(self, cfg: RenderConfig) -> None:
         self._call("remove", cfg)
+
+    def delete_flows(self, filters: Sequence[FlowFilter]) -> int:
+        """``kproxy.conntrack.delete_flows`` in the namespace: a ``Proxier`` conntrack cleaner."""
+        deleted: int = self._call(conntrack.delete_flows, list(filters))
+        return deleted
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a module-level function inside the namespace (e.g. to time work there)."""

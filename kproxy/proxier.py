@@ -12,7 +12,10 @@ a half-listed world. ``SyncScheduler`` is the pure rate limiter (min period betw
 burst of pokes inside it coalesced into one sync; periodic verification); ``SyncLoop`` is the
 thread that follows it.
 
-Not here (next slice): informers, NodePort/affinity/Local policies, UDP conntrack cleanup.
+After a successful sync, UDP conntrack entries the change made stale are deleted
+(``kproxy.conntrack``): exactly those of the changed service ports after a partial sync, a
+reconcile of every UDP frontend after a full one. That runs outside the lock and never fails the
+sync; filters whose deletion failed are retried with the next sync.
 """
 
 from __future__ import annotations
@@ -21,15 +24,26 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kproxy.model import ServicePortName
+from kproxy.conntrack import FlowFilter, changed_flows, describe, reconcile_flows
+from kproxy.model import ServicePortName, ServicePortState
 from kproxy.nft import Backend, BackendError
-from kproxy.render import Elements, RenderConfig, count_elements, element_diff, full_script, service_elements, skeleton
+from kproxy.render import (
+    Elements,
+    RenderConfig,
+    count_elements,
+    element_diff,
+    full_script,
+    merge,
+    service_elements,
+    skeleton,
+)
 from kproxy.tracker import ChangeTracker
 
 log = logging.getLogger(__name__)
@@ -53,12 +67,23 @@ class Metrics:
         self.drift = Counter(
             "kproxy_drift_detected_total", "Verifications that found our table changed", registry=registry
         )
-        self.rules = Gauge("kproxy_rules", "Rules in our table (constant: no per-service chains)", registry=registry)
+        self.rules = Gauge(
+            "kproxy_rules", "Rules in our table (the fixed skeleton plus affinity Services' chains)", registry=registry
+        )
         self.elements = Gauge("kproxy_elements", "Map and set elements in our table", registry=registry)
         self.service_ports = Gauge("kproxy_service_ports", "Service ports programmed", registry=registry)
         self.last_success = Gauge(
             "kproxy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=registry
         )
+        self.conntrack_deleted = Counter(
+            "kproxy_conntrack_deleted_total", "Stale UDP conntrack entries deleted", registry=registry
+        )
+        self.conntrack_errors = Counter(
+            "kproxy_conntrack_errors_total", "Conntrack cleanups that failed (retried next sync)", registry=registry
+        )
+
+
+ConntrackCleaner = Callable[[Sequence[FlowFilter]], int]
 
 
 class Proxier:
@@ -72,7 +97,12 @@ class Proxier:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] | None = None,
+        conntrack: ConntrackCleaner | None = None,
+        verify_elements_period_s: float = 0.0,
     ) -> None:
+        """``conntrack``: deletes stale UDP flows where the rules live (None: no cleanup).
+        ``verify_elements_period_s``: least seconds between element-level verifications (0: every
+        ``verify()``; ``math.inf``: never) — they cost O(elements), the shape check does not."""
         self.backend = backend
         self.cfg = cfg or RenderConfig()
         self.tracker = ChangeTracker(proxy_name)
@@ -81,9 +111,19 @@ class Proxier:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._mirror: dict[ServicePortName, Elements] = {}
+        self._states: dict[ServicePortName, ServicePortState] = {}  # what _mirror was rendered from
+        # How many service ports' mirrors hold each (map, key): more than one means two Services claim
+        # one frontend (e.g. the same externalIP and port); only a full sync (first wins) is right then.
+        self._claims: Tally[tuple[str, str]] = Tally()
+        self._conntrack = conntrack
+        self._ct_pending: list[FlowFilter] = []
+        self._elements_period = verify_elements_period_s
+        self._last_elements_check = -math.inf
         self._elements = 0
+        self._service_rules = 0  # rules of per-service chains (affinity), on top of the skeleton
         self._need_full = True
         self._initialized = False
+        self._skeleton_rules = sum(1 for line in skeleton(self.cfg) if line.startswith("add rule "))
         self.last_success: float | None = None  # monotonic
 
     # -- event side (cheap) -----------------------------------------------------------------
@@ -113,12 +153,21 @@ class Proxier:
     def sync(self) -> SyncResult:
         if not self._initialized:
             return SyncResult("skipped")
+        result = self._sync_rules()
+        if result.error is None:
+            self._clean_conntrack()
+        return result
+
+    def _sync_rules(self) -> SyncResult:
         with self._lock:
             start = self._clock()
             mode = "full" if self._need_full else "partial"
             changed = self.tracker.apply()
             try:
                 n = self._sync_full() if mode == "full" else self._sync_partial(changed)
+                if n is None:  # contested frontend: see _sync_partial
+                    mode = "full"
+                    n = self._sync_full()
             except BackendError as e:
                 # The kernel refused the transaction, so it holds what it held before, but the
                 # tracker has moved on: only a full sync can reconcile the two now.
@@ -130,6 +179,7 @@ class Proxier:
             self.metrics.duration.labels(mode).observe(seconds)
             self.metrics.last_success.set(self._wall())
             self.metrics.elements.set(self._elements)
+            self.metrics.rules.set(self._skeleton_rules + self._service_rules)
             self.metrics.service_ports.set(len(self._mirror))
             self.last_success = self._clock()
             return SyncResult(mode, n, None, seconds)
@@ -138,38 +188,88 @@ class Proxier:
         states = self.tracker.all_states()
         parts = {name: service_elements(states[name], self.cfg) for name in sorted(states)}
         self.backend.apply(full_script(parts.values(), self.cfg))
-        self._mirror = parts
+        if self._conntrack is not None:
+            self._ct_pending = reconcile_flows(self._states, states)  # supersedes any older pending
+        self._mirror, self._states = parts, states
+        self._claims = Tally(k for p in parts.values() for k in _keys(p))
         self._elements = sum(count_elements(p) for p in parts.values())
+        self._service_rules = sum(_chain_rules(p) for p in parts.values())
         self._need_full = False
-        self.metrics.rules.set(sum(1 for line in skeleton(self.cfg) if line.startswith("add rule ")))
         return len(parts)
 
-    def _sync_partial(self, changed: frozenset[ServicePortName]) -> int:
+    def _sync_partial(self, changed: frozenset[ServicePortName]) -> int | None:
+        """None (nothing written) when a changed port shares a key with another port: two Services
+        claiming one frontend. An element diff cannot express "first one wins"; a full sync can."""
         new_parts: dict[ServicePortName, Elements] = {}
-        script = []
         for name in sorted(changed):
             state = self.tracker.state(name)
-            new = service_elements(state, self.cfg) if state else {}
-            script.append(element_diff(self._mirror.get(name, {}), new, self.cfg))
-            new_parts[name] = new
+            new_parts[name] = service_elements(state, self.cfg) if state else {}
+        delta: Tally[tuple[str, str]] = Tally()  # O(changed), not a copy of every claim
+        for name, new in new_parts.items():
+            delta.subtract(_keys(self._mirror.get(name, {})))
+            delta.update(_keys(new))
+        for name, new in new_parts.items():
+            mine = set(_keys(new))
+            if any(self._claims[k] + delta[k] - (k in mine) > 0 for k in (*_keys(self._mirror.get(name, {})), *mine)):
+                log.info("kproxy: %s shares a frontend with another service port; syncing in full", name)
+                return None
+        script = [element_diff(self._mirror.get(name, {}), new, self.cfg) for name, new in new_parts.items()]
         text = "".join(script)
         if text:
             self.backend.apply(text)
+        news = {name: self.tracker.state(name) for name in new_parts}
+        if self._conntrack is not None:
+            self._ct_pending += changed_flows(self._states, news)
+        for name, st in news.items():
+            if st is None:
+                self._states.pop(name, None)
+            else:
+                self._states[name] = st
+        for k, n in delta.items():
+            if n:
+                self._claims[k] += n
+                if self._claims[k] <= 0:
+                    del self._claims[k]
         for name, new in new_parts.items():
             self._elements += count_elements(new) - count_elements(self._mirror.get(name, {}))
+            self._service_rules += _chain_rules(new) - _chain_rules(self._mirror.get(name, {}))
             if new and count_elements(new):
                 self._mirror[name] = new
             else:
                 self._mirror.pop(name, None)
         return len(changed)
 
+    def _clean_conntrack(self) -> None:
+        """Delete the flows the last sync made stale; on failure keep them for the next sync."""
+        with self._lock:
+            filters, self._ct_pending = self._ct_pending, []
+        if not filters or self._conntrack is None:
+            return
+        try:
+            n = self._conntrack(filters)
+        except Exception as e:
+            log.warning("kproxy conntrack cleanup failed, retried next sync: %s", e)
+            self.metrics.conntrack_errors.inc()
+            with self._lock:
+                self._ct_pending = filters + self._ct_pending
+            return
+        self.metrics.conntrack_deleted.inc(n)
+        if n:
+            log.info("deleted %d stale UDP conntrack entries (%s)", n, describe(filters)[:500])
+
     def verify(self) -> str | None:
-        """Check the kernel still holds our table; on drift, the next sync is full. Returns the drift."""
+        """Check the kernel still holds our table — its chains and rules, and exactly the elements we
+        put there (a deleted or edited element is drift too); on drift, the next sync is full."""
         with self._lock:
             if self._need_full or not self._initialized:
                 return None  # a full sync is coming anyway
+            expected = None
+            now = self._clock()
+            if self._elements_period < math.inf and now - self._last_elements_check >= self._elements_period:
+                self._last_elements_check = now
+                expected = merge(self._mirror[name] for name in sorted(self._mirror))  # as a full sync would
             try:
-                drift = self.backend.verify(self.cfg)
+                drift = self.backend.verify(self.cfg, expected)
             except BackendError as e:
                 drift = f"verify failed: {e}"
             if drift:
@@ -177,6 +277,11 @@ class Proxier:
                 self.metrics.drift.inc()
                 self._need_full = True
             return drift
+
+
+def _chain_rules(elements: Elements) -> int:
+    """Rules in the per-service chains an ``Elements`` carries (the renderer's ``chains`` container)."""
+    return sum(len((rules or "").splitlines()) for rules in elements.get("chains", {}).values())
 
 
 class SyncScheduler:
@@ -265,3 +370,7 @@ class SyncLoop:
             self.syncs += 1
             if result.error:
                 self.poke()  # retried (as a full sync) after min_period
+
+
+def _keys(parts: Elements) -> Iterator[tuple[str, str]]:
+    return ((m, k) for m, elems in parts.items() for k in elems)

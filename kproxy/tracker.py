@@ -42,6 +42,7 @@ class ChangeTracker:
         self._proxy_name = proxy_name
         self._ports: dict[ServiceKey, tuple[ServicePort, ...]] = {}
         self._slices: dict[ServiceKey, dict[str, Slice]] = {}  # by service, then slice name
+        self._slice_owner: dict[ServiceKey, ServiceKey] = {}  # slice namespace/name -> its service
         self._applied: dict[ServiceKey, ServiceView] = {}
         self._pending: dict[ServiceKey, _Change] = {}
 
@@ -60,14 +61,19 @@ class ChangeTracker:
         """Record an EndpointSlice add/update/delete; True when this leaves a pending change."""
         key = object_key(obj)  # slice namespace/name
         parsed = parse_slice(obj)
-        # A slice could (in theory) be relabelled to another Service: drop it everywhere first.
-        touched = {s for s, by_name in self._slices.items() if key.name in by_name and s.namespace == key.namespace}
-        for svc in touched:
-            del self._slices[svc][key.name]
-            if not self._slices[svc]:
-                del self._slices[svc]
+        # A slice could (in theory) be relabelled to another Service: drop it from its old one first
+        # (found through the owner index: a scan of every Service per event is quadratic at scale).
+        touched: set[ServiceKey] = set()
+        old_owner = self._slice_owner.pop(key, None)
+        if old_owner is not None:
+            touched.add(old_owner)
+            by_name = self._slices[old_owner]
+            del by_name[key.name]
+            if not by_name:
+                del self._slices[old_owner]
         if parsed is not None and not deleted:
             self._slices.setdefault(parsed.service_key, {})[key.name] = parsed
+            self._slice_owner[key] = parsed.service_key
             touched.add(parsed.service_key)
         changed = False
         for svc in touched:

@@ -49,7 +49,10 @@ NODE_IP = "10.242.0.1"
 CLIENT_IP = "10.242.0.100"
 BACKENDS = {"a1": "10.242.0.11", "a2": "10.242.0.12", "bb": "10.242.0.21"}
 SERVICE_CIDR = "10.96.0.0/16"
-IPS = {"web": "10.96.7.10", "api": "10.96.7.11", "late": "10.96.7.12", "beta": "10.96.8.10"}
+IPS = {"web": "10.96.7.10", "api": "10.96.7.11", "late": "10.96.7.12", "beta": "10.96.8.10",
+       "mine": "10.96.7.13", "theirs": "10.96.7.14"}
+PROXY_NAME = "netctl-kproxy"
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 SA_NAMESPACE = "kube-system"
 MERGE_PATCH = "application/merge-patch+json"
 SANITY_S = 20.0
@@ -265,7 +268,8 @@ def world() -> Iterator[World]:
                 [sys.executable, "-m", "kproxy.main", "--kubeconfig", str(kubeconfig), "--node-name", w.node,
                  "--netns", f"/run/netns/{w.node_ns}", "--table", w.table, "--healthz-port", str(hz),
                  "--metrics-port", str(mp), "--min-sync-period-s", "0.05", "--verify-period-s", "1",
-                 "--service-cidr", SERVICE_CIDR],
+                 "--service-cidr", SERVICE_CIDR, "--proxy-name", PROXY_NAME, "--node-check-period-s", "1",
+                 "--verify-elements-period-s", "1"],
                 stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
             )  # fmt: skip
         yield w
@@ -382,3 +386,93 @@ def test_kproxy_never_made_a_forbidden_call(running: World) -> None:
     """Scoping is by what kproxy asks for, not by failing: no request of it was ever refused."""
     out = running.kproxy_output()
     assert "orbidden" not in out and "Traceback" not in out and "WARNING" not in out, out[-4000:]
+
+
+# -- verification through the running program (after the "no WARNING" check above: drift warns) --
+
+
+def _nft(w: World, *args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", w.node_ns, "nft", *args], check=True, capture_output=True,
+                          text=True, timeout=30).stdout
+
+
+def _counter(w: World, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metric(w, name).splitlines() if " " in line)
+
+
+def _endpoint_elements(w: World) -> list[str]:
+    """Keys of the endpoints map, in nft syntax (``ip . proto . port . n``)."""
+    doc = json.loads(_nft(w, "-j", "list", "map", "ip", w.table, "endpoints"))
+    out = []
+    for obj in doc["nftables"]:
+        for key, _value in (obj.get("map") or {}).get("elem", []):
+            out.append(" . ".join(str(x) for x in key["concat"]))
+    return out
+
+
+def test_flushed_ruleset_is_restored_by_the_running_kproxy(running: World) -> None:
+    """Another process runs ``nft flush ruleset`` in the node: within the verification interval
+    (1 s here) kproxy finds the table gone, rebuilds it with a full sync, and traffic flows again."""
+    w = running
+    full_syncs = 'kproxy_sync_duration_seconds_count{mode="full"'
+    drift, fulls = _counter(w, "kproxy_drift_detected_total"), _counter(w, full_syncs)
+    assert IPS["web"] in w.nft_ips()
+    subprocess.run(["ip", "netns", "exec", w.node_ns, "nft", "flush", "ruleset"], check=True, timeout=30)
+    wait_for(lambda: IPS["web"] in w.nft_ips(missing_ok=True), "table restored after nft flush ruleset")
+    hits = w.traffic(IPS["web"], 10)
+    assert sum(hits.values()) == 10 and set(hits) <= {"a1", "a2"}, hits
+    assert _counter(w, "kproxy_drift_detected_total") >= drift + 1
+    assert _counter(w, full_syncs) >= fulls + 1
+
+
+def test_edited_table_is_detected_and_restored(running: World) -> None:
+    """Edits short of a flush: one map element deleted, one rule deleted — each is drift."""
+    w = running
+    keys = _endpoint_elements(w)
+    assert keys, "no endpoint elements to delete"
+    drift = _counter(w, "kproxy_drift_detected_total")
+    _nft(w, "delete", "element", "ip", w.table, "endpoints", "{", keys[0], "}")
+    assert keys[0] not in _endpoint_elements(w)
+    wait_for(lambda: keys[0] in _endpoint_elements(w), f"endpoints element {keys[0]} restored")
+    assert _counter(w, "kproxy_drift_detected_total") >= drift + 1
+
+    listing = json.loads(_nft(w, "-a", "-j", "list", "chain", "ip", w.table, "nat_postrouting"))
+    handles = [o["rule"]["handle"] for o in listing["nftables"] if "rule" in o]
+    assert handles
+    _nft(w, "delete", "rule", "ip", w.table, "nat_postrouting", "handle", str(handles[0]))
+    wait_for(lambda: "masquerade" in _nft(w, "list", "chain", "ip", w.table, "nat_postrouting"),
+             "masquerade rule restored")
+    hits = w.traffic(IPS["web"], 10)
+    assert sum(hits.values()) == 10 and set(hits) <= {"a1", "a2"}, hits
+    assert _counter(w, "kproxy_drift_detected_total") >= drift + 2
+
+
+def test_service_proxy_name_label(running: World) -> None:
+    """Labelled with kproxy's own --proxy-name: proxied; with another proxy's name: skipped."""
+    w = running
+    ns = w.alpha[0]
+    for name, proxy in (("theirs", "other-proxy"), ("mine", PROXY_NAME)):  # theirs first: same watch, in order
+        obj = service(ns, name, IPS[name])
+        obj["metadata"]["labels"] = {PROXY_NAME_LABEL: proxy}
+        create(w, obj, "services")
+        sl = endpoint_slice(ns, name, [BACKENDS["a1"]])
+        sl["metadata"]["labels"][PROXY_NAME_LABEL] = proxy  # the EndpointSlice controller copies Service labels
+        create(w, sl, "endpointslices", *SLICES)
+    wait_for(lambda: IPS["mine"] in w.nft_ips(), "the Service labelled with our proxy name programmed")
+    assert w.traffic(IPS["mine"], 5) == {"a1": 5}
+    assert IPS["theirs"] not in w.nft_ips()
+
+
+def test_node_moving_to_another_tenant_makes_kproxy_remove_its_rules_and_exit(running: World) -> None:
+    """Last in the module: it ends the kproxy process. The DaemonSet would restart it for beta."""
+    w = running
+    assert w.kproxy is not None and w.kproxy.poll() is None
+    request_json(w.api, "PATCH", api_path("", "v1", "nodes", None, w.node), content_type=MERGE_PATCH,
+                 body={"metadata": {"labels": {TENANT_LABEL: "beta"}}})
+    status = w.kproxy.wait(SANITY_S)
+    assert status == 3, w.kproxy_output()[-4000:]
+    assert f"Node {w.node} moved from tenant alpha to beta" in w.kproxy_output()
+    assert w.nft_ips(missing_ok=True) == set()  # alpha's rules went with it
+    listed = subprocess.run(["ip", "netns", "exec", w.node_ns, "nft", "list", "table", "ip", w.table],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode != 0, listed.stdout

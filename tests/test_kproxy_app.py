@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.app import KproxyApp, SyncHealth
+from kproxy.app import EXIT_TENANT_CHANGED, KproxyApp, SyncHealth, proxyable_selector
 from kproxy.config import KproxyConfig
 from kproxy.main import main
 from kproxy.nft import FakeBackend
@@ -314,3 +315,145 @@ def test_app_writes_nothing_before_all_watches_listed_then_follows_namespaces() 
     finally:
         app.shutdown()
     assert all(i.stopped for i in factory.made)
+
+
+def started_app(backend: FakeBackend, **cfg: Any) -> tuple[KproxyApp, FakeFactory]:
+    """An app on fakes, its tenant's one namespace listed (with one Service), rules written."""
+    factory = FakeFactory()
+    settings: dict[str, Any] = dict(node_name="n1", tenant="alpha", table="kpt", min_sync_period_s=0.01,
+                                    healthz_port=0, metrics_port=0, verify_period_s=0)
+    settings.update(cfg)
+    app = KproxyApp(KproxyConfig(**settings), api=object(), backend=backend, factory=factory)
+    assert app.start()
+    nsi = factory.live("namespaces")
+    nsi.add(ns("a1", "alpha"))
+    factory.live("services", "a1").add(svc("web", "a1", ip="10.96.0.10"))
+    factory.live("endpointslices", "a1").add(eps("web", "a1", addrs=["10.1.0.5"]))
+    for inf in (nsi, factory.live("services", "a1"), factory.live("endpointslices", "a1")):
+        inf.synced = True
+    wait(lambda: any("10.96.0.10 . tcp . 80" in s for s in backend.applied))
+    return app, factory
+
+
+def test_healthz_fails_while_syncs_are_stale_and_recovers() -> None:
+    """kube-proxy's rule on the configured /healthz port: a change waiting longer than
+    healthz_stale_s for a successful sync (here the nft backend refuses every transaction)."""
+    backend = FakeBackend()
+    app, factory = started_app(backend, healthz_stale_s=0.3)
+    try:
+        assert app.healthz is not None and app.metrics_server is not None
+        url = app.healthz.url + "/healthz"
+        assert get(url)[0] == 200
+        backend.fail_next = 10**9  # the kernel refuses from now on
+        factory.live("endpointslices", "a1").update({}, eps("web", "a1", addrs=["10.1.0.6"]))
+        wait(lambda: get(url)[0] == 503)  # after healthz_stale_s of failed retries
+        status, body = get(url)
+        assert status == 503 and "sync" in body, body
+        assert get(app.metrics_server.url + "/healthz")[0] == 503  # the metrics port tells the same
+        metrics = get(app.metrics_server.url + "/metrics")[1]
+        errors = [ln for ln in metrics.splitlines() if ln.startswith("kproxy_sync_errors_total{")]
+        assert errors and all(float(ln.split()[-1]) >= 1 for ln in errors if 'mode="partial"' in ln), errors
+        backend.fail_next = 0  # the kernel accepts again: the retried (full) sync succeeds
+        wait(lambda: get(url)[0] == 200)
+        assert any("10.1.0.6" in s for s in backend.applied[-1:])
+    finally:
+        app.shutdown()
+
+
+def test_operations_metrics_are_exported() -> None:
+    backend = FakeBackend()
+    app, factory = started_app(backend)
+    try:
+        assert app.metrics_server is not None
+        factory.live("endpointslices", "a1").update({}, eps("web", "a1", addrs=["10.1.0.6", "10.1.0.7"]))
+        wait(lambda: any("10.1.0.7" in s for s in backend.applied))
+        metrics = get(app.metrics_server.url + "/metrics")[1]
+        values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+                  if ln.startswith("kproxy_")}  # fmt: skip
+        for mode in ("full", "partial"):  # sync duration histograms, full and partial
+            assert values[f'kproxy_sync_duration_seconds_count{{mode="{mode}"}}'] >= 1, mode
+            assert f'kproxy_sync_duration_seconds_bucket{{le="0.01",mode="{mode}"}}' in values
+        assert values["kproxy_rules"] > 0 and values["kproxy_elements"] >= 3  # rule and element counts
+        assert values["kproxy_last_successful_sync_timestamp_seconds"] > 1.6e9
+        assert values['kproxy_api_events_total{resource="endpointslices",type="update"}'] == 1
+        assert values['kproxy_api_events_total{resource="services",type="add"}'] == 1
+        assert values['kproxy_api_events_total{resource="namespaces",type="add"}'] == 1
+        assert "kproxy_sync_pending_seconds" in values and "kproxy_conntrack_deleted_total" in values
+        assert values["kproxy_service_ports"] == 1
+    finally:
+        app.shutdown()
+
+
+# -- scoping details ------------------------------------------------------------------------------
+
+
+def test_proxy_name_selects_own_and_unlabelled_services_only() -> None:
+    assert proxyable_selector(None) == "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+    assert proxyable_selector("kp") == "!service.kubernetes.io/headless"  # the name is checked client-side
+    backend = FakeBackend()
+    app, factory = started_app(backend, proxy_name="netctl-kproxy")
+    try:
+        assert app.proxier is not None
+        services = factory.live("services", "a1")
+        label = "service.kubernetes.io/service-proxy-name"
+        services.add(svc("mine", "a1", ip="10.96.0.11", labels={label: "netctl-kproxy"}))
+        services.add(svc("theirs", "a1", ip="10.96.0.12", labels={label: "cilium"}))
+        for name in ("mine", "theirs"):
+            factory.live("endpointslices", "a1").add(eps(name, "a1", addrs=["10.1.0.5"]))
+        wait(lambda: any("10.96.0.11" in s for s in backend.applied))
+        assert app.proxier.sync().error is None
+        programmed = "".join(backend.applied)
+        assert "10.96.0.10 . tcp" in programmed and "10.96.0.11 . tcp" in programmed
+        assert "10.96.0.12" not in programmed
+    finally:
+        app.shutdown()
+
+
+def test_node_moving_to_another_tenant_removes_the_rules_and_exits() -> None:
+    backend, factory = FakeBackend(), FakeFactory()
+    labels = ["alpha"]
+    cfg = KproxyConfig(node_name="n1", table="kpt", min_sync_period_s=0.01, healthz_port=0, metrics_port=0,
+                       verify_period_s=0, node_check_period_s=0.02)
+    app = KproxyApp(cfg, api=object(), backend=backend, factory=factory, node_tenant_reader=lambda: labels[-1])
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(app.run()))
+    runner.start()
+    try:
+        wait(lambda: bool(factory.made))
+        assert app.tenant == "alpha" and factory.live("namespaces").selector == "netctl.io/tenant=alpha"
+        nsi = factory.live("namespaces")
+        nsi.add(ns("a1", "alpha"))
+        for inf in (nsi, factory.live("services", "a1"), factory.live("endpointslices", "a1")):
+            inf.synced = True
+        factory.live("services", "a1").add(svc("web", "a1", ip="10.96.0.10"))
+        wait(lambda: ("ip", "kpt") in backend.ruleset.tables)
+        labels.append("beta")  # the node is relabelled while kproxy runs
+        runner.join(10)
+        assert not runner.is_alive() and result == [EXIT_TENANT_CHANGED]
+        assert ("ip", "kpt") not in backend.ruleset.tables  # alpha's rules are gone
+        assert app.exit_reason is not None and "moved from tenant alpha to beta" in app.exit_reason
+        assert all(i.stopped for i in factory.made)
+    finally:
+        app.stop()
+        runner.join(10)
+
+
+def test_node_label_read_errors_do_not_stop_kproxy() -> None:
+    backend, factory = FakeBackend(), FakeFactory()
+    reads: list[int] = []
+
+    def reader() -> str:
+        reads.append(1)
+        if len(reads) > 1:
+            raise OSError("API down")
+        return "alpha"
+
+    cfg = KproxyConfig(node_name="n1", table="kpt", min_sync_period_s=0.01, healthz_port=0, metrics_port=0,
+                       verify_period_s=0, node_check_period_s=0.02)
+    app = KproxyApp(cfg, api=object(), backend=backend, factory=factory, node_tenant_reader=reader)
+    try:
+        assert app.start()
+        wait(lambda: len(reads) > 3)
+        assert app.exit_code == 0 and app.exit_reason is None
+    finally:
+        app.shutdown()

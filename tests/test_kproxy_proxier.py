@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 from prometheus_client import CollectorRegistry
 
-from kproxy.nft import FakeBackend
+from kproxy.nft import FakeBackend, parse_elements
 from kproxy.proxier import Proxier, SyncLoop, SyncScheduler
 from kproxy.render import RenderConfig, full_script, service_elements
 from kproxy.script import Ruleset
@@ -53,7 +54,7 @@ def test_first_sync_full_then_partial() -> None:
     assert backend.ruleset.tables == expected_table(p)
     assert reg.get_sample_value("kproxy_sync_duration_seconds_count", {"mode": "full"}) == 1
     assert reg.get_sample_value("kproxy_sync_duration_seconds_count", {"mode": "partial"}) == 1
-    assert reg.get_sample_value("kproxy_elements") == 1 + 4  # one frontend, four buckets
+    assert reg.get_sample_value("kproxy_elements") == 1 + 2  # one frontend, one slot per endpoint
     assert reg.get_sample_value("kproxy_last_successful_sync_timestamp_seconds") > 0  # type: ignore[operator]
 
 
@@ -68,6 +69,31 @@ def test_partial_touches_only_the_changed_service() -> None:
     touched = {w for w in backend.applied[-1].split() if w.startswith("10.96.")}
     assert touched == {"10.96.0.8"}
     assert backend.ruleset.tables == expected_table(p)
+
+
+def test_two_services_claiming_one_external_ip_never_break_a_sync() -> None:
+    """Same externalIP and port on two Services: the first (by name) wins, as in a full sync; a
+    change to either is synced in full (no "File exists" from the kernel, no error metric), and
+    deleting the loser leaves the winner's frontend in place."""
+    p, backend, reg = make()
+    for name, ip, ep in (("a-first", "10.96.0.1", "10.1.0.1"), ("b-second", "10.96.0.2", "10.1.0.2")):
+        p.on_service(svc(name=name, ip=ip, externalIPs=["192.0.2.7"]))
+        p.on_slice(eps(service=name, name=f"{name}-x", addrs=[ep]))
+    assert p.sync().mode == "full"
+    p.on_slice(eps(service="b-second", name="b-second-x", addrs=["10.1.0.3"]))
+    r = p.sync()
+    assert (r.mode, r.error) == ("full", None)
+    assert backend.ruleset.tables == expected_table(p)
+    p.on_service(svc(name="b-second", ip="10.96.0.2", externalIPs=["192.0.2.7"]), deleted=True)
+    r = p.sync()
+    assert (r.mode, r.error) == ("full", None)
+    assert backend.ruleset.tables == expected_table(p)
+    v = trace(backend.ruleset.tables[("ip", "kpt")], Packet("10.0.0.9", "192.0.2.7", "tcp", 80))
+    assert v.dnat and v.daddr == "10.1.0.1", v
+    p.on_slice(eps(service="a-first", name="a-first-x", addrs=["10.1.0.4"]))  # uncontested again
+    assert p.sync().mode == "partial"
+    assert backend.ruleset.tables == expected_table(p)
+    assert not any(reg.get_sample_value("kproxy_sync_errors_total", {"mode": m}) for m in ("full", "partial"))
 
 
 def test_no_change_no_transaction() -> None:
@@ -119,6 +145,53 @@ def test_drift_detected_then_full_resync() -> None:
     # a rule removed from one of our chains is drift too
     backend.ruleset.tables[("ip", "kpt")].chains["svc_dnat"].rules.clear()
     assert p.verify() == "chain svc_dnat has 0 rules, expected 1"
+
+
+def test_edited_elements_are_drift_and_partial_syncs_are_not() -> None:
+    p, backend, reg = make()
+    for i in range(3):
+        p.on_service(svc(name=f"s{i}", ip=f"10.96.0.{i + 1}"))
+        p.on_slice(eps(service=f"s{i}", addrs=[f"10.1.0.{i + 1}", f"10.1.1.{i + 1}"]))
+    p.sync()
+    p.on_slice(eps(service="s1", addrs=["10.1.0.9"]))  # partial syncs keep the expectation in step
+    p.on_service(svc(name="s2", ip="10.96.0.3"), deleted=True)
+    assert p.sync().mode == "partial"
+    assert p.verify() is None
+    maps = backend.ruleset.tables[("ip", "kpt")].sets
+    victim = next(k for k, v in maps["endpoints"].items() if v and v.startswith("10.1.0.9 "))
+    del maps["endpoints"][victim]  # another agent deletes one element
+    drift = p.verify()
+    assert drift is not None and drift.startswith("map endpoints: 1 element(s) missing, 0 unexpected, 0 changed"), drift
+    assert reg.get_sample_value("kproxy_drift_detected_total") == 1
+    assert p.sync().mode == "full" and p.verify() is None
+    maps = backend.ruleset.tables[("ip", "kpt")].sets
+    key = next(iter(maps["endpoints"]))
+    maps["endpoints"][key] = "10.6.6.6 . 6666"  # ... or rewrites one
+    assert "1 changed" in (p.verify() or "")
+    p.sync()
+    backend.ruleset.tables[("ip", "kpt")].sets["service_ips"]["10.9.9.9 . tcp . 80"] = "goto svc_dnat_1"  # ... or adds
+    assert "1 unexpected" in (p.verify() or "")
+
+
+def test_parse_elements_of_a_json_listing() -> None:
+    listing = {"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"map": {"name": "service_ips", "map": "verdict",
+                 "elem": [[{"concat": ["10.96.0.10", "tcp", 80]}, {"goto": {"target": "svc_dnat_2"}}]]}},
+        {"map": {"name": "endpoints", "elem": [[{"concat": ["10.96.0.10", "tcp", 80, 1]},
+                                                {"concat": ["10.1.0.6", 8080]}]]}},
+        {"map": {"name": "no_endpoint_nodeports", "map": "verdict", "elem": [[{"concat": ["udp", 30053]},
+                                                                              {"drop": None}]]}},
+        {"map": {"name": "nodeports", "map": "verdict"}},
+        {"set": {"name": "aff", "elem": [{"elem": {"val": "10.1.2.3", "timeout": 10, "expires": 9}}, "10.1.2.4"]}},
+    ]}  # fmt: skip
+    assert parse_elements(listing) == {
+        "service_ips": {"10.96.0.10 . tcp . 80": "goto svc_dnat_2"},
+        "endpoints": {"10.96.0.10 . tcp . 80 . 1": "10.1.0.6 . 8080"},
+        "no_endpoint_nodeports": {"udp . 30053": "drop"},
+        "nodeports": {},
+        "aff": {"10.1.2.3": None, "10.1.2.4": None},
+    }
 
 
 def test_scheduler_coalesces_bursts_and_respects_min_period() -> None:
@@ -175,3 +248,58 @@ def test_sync_loop_coalesces_with_a_real_thread() -> None:
         assert backend.ruleset.tables == expected_table(p)
     finally:
         loop.stop()
+
+
+def test_element_checks_run_at_most_once_per_period() -> None:
+    """The O(elements) check is rate-limited; the cheap shape check runs on every verify."""
+    now = [0.0]
+    backend = FakeBackend()
+    p = Proxier(backend, CFG, clock=lambda: now[0], verify_elements_period_s=60.0)
+    p.mark_initialized()
+    p.on_service(svc())
+    p.on_slice(eps())
+    p.sync()
+    assert p.verify() is None  # elements checked (the first time)
+    maps = backend.ruleset.tables[("ip", "kpt")].sets
+    maps["endpoints"].pop(next(iter(maps["endpoints"])))
+    now[0] = 10.0
+    assert p.verify() is None  # shape only: the deleted element is not seen yet
+    now[0] = 61.0
+    assert "missing" in (p.verify() or "")
+    backend.flush_ruleset()
+    p.sync()
+    now[0] = 70.0
+    backend.flush_ruleset()
+    assert p.verify() == "table missing"  # a flush is caught by the cheap check at once
+
+
+def test_element_checks_can_be_off() -> None:
+    backend = FakeBackend()
+    p = Proxier(backend, CFG, verify_elements_period_s=math.inf)
+    p.mark_initialized()
+    p.on_service(svc())
+    p.on_slice(eps())
+    p.sync()
+    maps = backend.ruleset.tables[("ip", "kpt")].sets
+    maps["endpoints"].pop(next(iter(maps["endpoints"])))
+    assert p.verify() is None
+
+
+def test_rules_metric_counts_what_the_table_holds() -> None:
+    p, backend, reg = make()
+
+    def table_rules() -> int:
+        return sum(len(c.rules) for c in backend.ruleset.tables[("ip", "kpt")].chains.values())
+
+    p.on_service(svc())
+    p.on_slice(eps(addrs=["10.1.0.5", "10.1.0.6"]))
+    p.sync()
+    assert reg.get_sample_value("kproxy_rules") == table_rules()
+    p.on_service(svc(name="sticky", ip="10.96.0.20", sessionAffinity="ClientIP"))  # per-service chains
+    p.on_slice(eps(service="sticky", addrs=["10.1.0.7", "10.1.0.8"]))
+    p.sync()
+    with_affinity = reg.get_sample_value("kproxy_rules")
+    assert with_affinity == table_rules()
+    p.on_service(svc(name="sticky", ip="10.96.0.20"), deleted=True)
+    p.sync()
+    assert reg.get_sample_value("kproxy_rules") == table_rules() < (with_affinity or 0)
