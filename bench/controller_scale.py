@@ -264,6 +264,7 @@ def main() -> int:
     ap.add_argument("--pool-max", type=int, default=128)
     ap.add_argument("--pool-batch", type=int, default=32)
     ap.add_argument("--skip-pools", action="store_true", help="latency without pools only")
+    ap.add_argument("--restart-only", action="store_true", help="skip the latency bursts, run (2) only")
     args = ap.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="netctl-bench-ctl-"))
     topo = Topology((TENANT,), NODES)
@@ -272,9 +273,10 @@ def main() -> int:
              progress=lambda msg: print(f"  {msg}", file=sys.stderr)) as lab:
         lab.stop_controller()  # each phase starts its own with its own settings
         core = client.CoreV1Api(lab.cp.api_client())
-        latency_phase(lab, core, args, pools=False)
-        if not args.skip_pools:
-            latency_phase(lab, core, args, pools=True)
+        if not args.restart_only:
+            latency_phase(lab, core, args, pools=False)
+            if not args.skip_pools:
+                latency_phase(lab, core, args, pools=True)
         ok = restart_phase(lab, core, args)
     return 0 if ok else 1
 

@@ -252,6 +252,11 @@ class MemListWatch:
         self.objects[self.key(o)] = o
         return copy.deepcopy(o)
 
+    def seed(self, o: Obj) -> None:
+        """An object that already exists when the informer first lists (no watch event)."""
+        with self.lock:
+            self._store(o)
+
     def put(self, o: Obj) -> None:
         with self.lock:
             kind = "MODIFIED" if self.key(o) in self.objects else "ADDED"

@@ -81,7 +81,7 @@ def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "con
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Controller, dict[str, MemListWatch], FlakyIaaS]]:
     lws = {
-        "pods": MemListWatch([pod("web-1", uid="m1"), pod("web-2", uid="m2"), pod("web-3", uid="m3")]),
+        "pods": MemListWatch([]),  # the test adds its pods after the initial lists (they queue at ADD)
         "namespaces": MemListWatch([namespace("tenant-a", "a")]),
         "nodes": MemListWatch([node("a-1", "a")]),
         "tenants": MemListWatch([tenant("a", "10.1.0.0/24")]),
@@ -119,6 +119,8 @@ def test_metrics_exist_and_move(world: tuple[Controller, dict[str, MemListWatch]
     # Not leading yet: informer events only queue keys. Depth per priority shows them.
     iaas.fail.add("pod-m3")
     ctl.start_informers(timeout=5)
+    for name, uid in (("web-1", "m1"), ("web-2", "m2"), ("web-3", "m3")):
+        lws["pods"].put(pod(name, uid=uid))
     ctl.queue.add(SYNC_KEY, Priority.SYNC)
     wait_for(lambda: value(depth, name=q, priority="ADD") >= 4, what="3 pods + 1 tenant queued at ADD")
     assert value(depth, name=q, priority="ADD") == 4  # pod keys de-duplicated at their highest priority
@@ -151,3 +153,18 @@ def test_metrics_exist_and_move(world: tuple[Controller, dict[str, MemListWatch]
     assert value(ops, op="delete", result="ok") - before["delete_ok"] >= 1
     # ...and the queue is empty again at every priority.
     wait_for(lambda: all(value(depth, name=q, priority=p.name) == 0 for p in Priority), what="an empty queue")
+
+
+def test_pods_of_the_initial_list_are_left_to_the_full_reconcile(
+    world: tuple[Controller, dict[str, MemListWatch], FlakyIaaS],
+) -> None:
+    """At start the informers list every pod; queueing each (10,000 at scale) would make a restart
+    re-check them all ahead of the few that need work. The leader's full reconcile queues exactly
+    those instead, so every pod present at start still gets its port."""
+    ctl, lws, iaas = world
+    for name, uid in (("old-1", "o1"), ("old-2", "o2")):
+        lws["pods"].seed(pod(name, uid=uid))
+    ctl.start_informers(timeout=5)
+    assert not any(k.startswith("pod:") for k in ctl.queue.waiting()), ctl.queue.waiting()
+    ctl.run()
+    wait_for(lambda: {"pod-o1", "pod-o2"} <= set(iaas.ports), what="ports of the pods present at start")

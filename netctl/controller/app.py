@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from netctl.controller import model
 from netctl.controller.pools import PoolConfig
 from netctl.controller.ports import Caches, PortController, TenantNotReady
+from netctl.controller.public import PublicConfig
 from netctl.controller.tenant_rbac import RbacWriter, TenantRbac
 from netctl.iaas.base import IaaS
 from netctl.kube.informer import ApiListWatch, Informer
@@ -53,6 +54,8 @@ class ControllerOptions:
     resync_period_s: float = field(default=60.0, metadata={"help": "seconds between full SYNC passes"})
     default_mtu: int = field(default=1400, metadata={"help": "pod MTU when the Tenant sets none"})
     pool: PoolConfig = field(default_factory=PoolConfig, metadata={"help": "warm port pools per tenant"})
+    public: PublicConfig = field(default_factory=PublicConfig,
+                                 metadata={"help": "provider network of the optional public NIC"})
 
 
 class Controller:
@@ -76,6 +79,7 @@ class Controller:
             on_metric=lambda op, result: PORT_OPS.labels(op, result).inc(),
             pool=opts.pool,
             on_claim=lambda tenant, hit: POOL_CLAIMS.labels(tenant, "hit" if hit else "miss").inc(),
+            public=opts.public,
         )
         self.rbac = TenantRbac(self.namespaces, self.tenants, rbac_writer) if rbac_writer is not None else None
         self.queue = WorkQueue("controller")
@@ -88,8 +92,11 @@ class Controller:
 
     def _wire(self) -> None:
         q = self.queue
+        # Pods of the initial list are not queued one by one: the full reconcile a leader runs
+        # before serving (set operations over the caches) queues exactly those needing work. At
+        # 10,000 pods, queueing every one made a restart re-check them all ahead of the few new ones.
         self.pods.add_handler(
-            on_add=lambda o: q.add("pod:" + model.key_of(o), Priority.ADD),
+            on_add=self._pod_added,
             on_update=lambda old, new: q.add(
                 "pod:" + model.key_of(new), Priority.UPDATE if old is not new else Priority.SYNC
             ),
@@ -110,6 +117,10 @@ class Controller:
             on_delete=lambda o: q.add("tenant:" + model.key_of(o), Priority.DELETE),
         )
 
+    def _pod_added(self, pod: model.Obj) -> None:
+        if self.pods.has_synced():
+            self.queue.add("pod:" + model.key_of(pod), Priority.ADD)
+
     def _namespace_changed(
         self, ns: model.Obj, old: model.Obj | None = None, rbac_priority: Priority = Priority.UPDATE
     ) -> None:
@@ -119,6 +130,8 @@ class Controller:
         # kproxy's RoleBinding: a namespace added or deleted with a tenant label, or relabelled.
         if self.rbac is not None and old is not ns and (old is not None or model.tenant_label(ns)):
             self.queue.add("rbac:" + name, rbac_priority)
+        if not (self.namespaces.has_synced() and self.pods.has_synced()):
+            return  # initial lists: the leader's full reconcile covers every pod
         for pod in self.pods.by_index("namespace", name):
             self.queue.add("pod:" + model.key_of(pod), Priority.UPDATE)
 

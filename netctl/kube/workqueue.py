@@ -200,6 +200,11 @@ class WorkQueue:
         with self._cond:
             return self._dropped
 
+    def waiting(self) -> list[str]:
+        """Snapshot of the keys waiting (ready or delayed), for status and tests."""
+        with self._cond:
+            return list(self._queued)
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._queued)
@@ -245,10 +250,13 @@ class WorkQueue:
             threading.Thread(target=self._worker, args=(handler,), name=f"{self.name}-worker-{i}", daemon=True)
             for i in range(n)
         ]
+        # Started under the lock: a concurrent shutdown() must never see (and join) an unstarted one.
         with self._cond:
+            if self._shutdown:
+                return []
+            for t in threads:
+                t.start()
             self._workers.extend(threads)
-        for t in threads:
-            t.start()
         return threads
 
     def _worker(self, handler: Callable[[str, Priority], None]) -> None:
