@@ -1,13 +1,13 @@
 """CNI ADD/DEL wall time: netctl-cni (ovs mode) against the reference `bridge` + `host-local`, same run.
 
-Usage (root): .venv/bin/python -m bench.cni_add [--pods 200] [--agent [--launcher]]
+Usage (root): .venv/bin/python -m bench.cni_add [--pods 200] [--no-agent] [--no-launcher]
 
-With --agent, "ours" is the deployed mode: the thin executable forwarding every verb to a node
-agent (`python -m cni.agent`, per-run socket, warm OVSDB/netlink handles, pod watch) started for
-the run; without it, the executable does all the work in its own process. --launcher execs ours
-through the launcher `python -m cni.install` writes (what the lab installs: the same interpreter
-with `-IS`, no site-packages, no editable-install finder — the forwarding path needs neither)
-instead of the console script.
+By default "ours" is the deployed shape: the thin executable, exec'd through the launcher
+`python -m cni.install` writes (what the lab installs: the same interpreter with `-IS`, no
+site-packages, no editable-install finder — the forwarding path needs neither), forwarding every
+verb to a node agent (`python -m cni.agent`, per-run socket, warm OVSDB/netlink handles, pod,
+node and namespace watches) started for the run. --no-agent: the executable does all the work
+in its own process; --no-launcher: ours is the console script.
 
 Both plugins are exec'd exactly as a runtime does (CNI_* environment + the config on stdin, each
 process entered into its node netns between fork and exec, identically for both), one pod at a
@@ -100,6 +100,8 @@ c.close()
 print(json.dumps(t))
 """
 
+AGENT_ABSENT_CONF = {"cniVersion": "1.0.0", "name": "absent", "type": "netctl-cni", "agentSocket": "/nonexistent.sock"}
+
 
 @contextlib.contextmanager
 def netns_fd(path: str) -> Iterator[int]:
@@ -113,8 +115,11 @@ def netns_fd(path: str) -> Iterator[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pods", type=int, default=200)
-    ap.add_argument("--agent", action="store_true", help="ours through the node agent (agentSocket)")
-    ap.add_argument("--launcher", action="store_true", help="exec ours through an `python -IS` launcher")
+    ap.add_argument("--agent", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours through the node agent (agentSocket; the default), or all in its own process")
+    ap.add_argument("--launcher", action=argparse.BooleanOptionalAction, default=True,
+                    help="exec ours through the `python -IS` launcher cni.install writes (the default), "
+                         "or the console script")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("cni_add bench needs root (netns, OVS)", file=sys.stderr)
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "dataDir": str(base / "ipam")}}
             times: dict[str, list[float]] = {"ours ADD": [], "ours DEL": [], "ref ADD": [], "ref DEL": []}
             sandboxes: list[tuple[dict[str, str], dict[str, str]]] = []
+            thin_t: list[float] = []
             with netns_fd("/proc/self/ns/net") as root_fd, netns_fd(f"/run/netns/{ref}") as ref_fd:
                 for i, name in enumerate(names):
                     envs = []
@@ -174,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                     if rc != 0:
                         raise RuntimeError(f"reference ADD failed: {out}")
                     times["ref ADD"].append(dt)
+                    if args.agent:  # the executable's own cost (exec + interpreter + forwarding code), agent absent
+                        thin_t.append(invoke(ours, "DEL", AGENT_ABSENT_CONF,
+                                             {"CNI_CONTAINERID": "x", "CNI_IFNAME": "eth0"}, root_fd, "")[0])
                     sandboxes.append((o_env, r_env))
                 for o_env, r_env in sandboxes:
                     dt, rc, out = invoke(ours, "DEL", ours_conf, o_env, root_fd, str(Path(OURS).parent))
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 version_t = [invoke(ours, "VERSION", {"cniVersion": "1.0.0"}, {}, root_fd, "")[0] for _ in range(10)]
                 ref_version_t = [invoke(f"{REF_DIR}/bridge", "VERSION", {"cniVersion": "1.0.0"}, {}, ref_fd, "")[0]
                                  for _ in range(10)]
-            breakdown = json.loads(subprocess.run(
+            breakdown = {} if args.agent else json.loads(subprocess.run(
                 [sys.executable, "-c", BREAKDOWN, ovs.db_connection, api.kubeconfig(), api.namespace, names[0],
                  api.node], capture_output=True, text=True, check=True, timeout=120).stdout)
             in_verb = {v: [float(m) for m in re.findall(rf"{v} .*ok in ([0-9.]+)s", log.read_text())]
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ours = netctl-cni " + ("forwarding to the node agent (agentSocket)" if args.agent
                                       else "doing the work in its own process (no agentSocket)")
               + (", exec'd through a `python -IS` launcher" if args.launcher else ", the console script"))
-        report(args.pods, times, version_t, ref_version_t, breakdown, in_verb)
+        report(args.pods, times, thin_t, version_t, ref_version_t, breakdown, in_verb)
         return 0
     finally:
         for conf, env in ours_added:  # only after a failure
@@ -211,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def report(pods: int, times: dict[str, list[float]], version_t: list[float], ref_version_t: list[float],
-           breakdown: dict[str, float], in_verb: dict[str, list[float]]) -> None:
+def report(pods: int, times: dict[str, list[float]], thin_t: list[float], version_t: list[float],
+           ref_version_t: list[float], breakdown: dict[str, float], in_verb: dict[str, list[float]]) -> None:
     print(f"CNI wall time over {pods} pods (exec as a runtime does; same run, interleaved)")
     s = {k: stats(v) for k, v in times.items()}
     for k, v in s.items():
@@ -222,14 +231,22 @@ def report(pods: int, times: dict[str, list[float]], version_t: list[float], ref
             r = s[f"ours {verb}"][q] / s[f"ref {verb}"][q]
             print(f"ratio {verb} {q} ours/reference = {r:.2f}x (target <= 1.5x)")
     print("where our time goes:")
-    print(f"  exec + interpreter + import cni.main (VERSION) p50 {ms(statistics.median(version_t))}"
+    if thin_t:
+        thin = statistics.median(thin_t)
+        print(f"  the executable alone (exec + interpreter + forwarding code, agent absent) p50 {ms(thin)}")
+    print(f"  VERSION (answered in-process) p50 {ms(statistics.median(version_t))}"
           f"   (reference VERSION p50 {ms(statistics.median(ref_version_t))})")
     for verb, xs in in_verb.items():
         if xs:
-            print(f"  inside the {verb} verb (our log, after start-up) p50 {ms(statistics.median(xs))}")
-    print("  the in-process path's costs (what the agent keeps warm):")
-    for k, v in breakdown.items():
-        print(f"  {k:45s} {ms(v)}")
+            inside = statistics.median(xs)
+            print(f"  inside the {verb} verb (our log, after start-up) p50 {ms(inside)}")
+            if thin_t:
+                rest = s[f"ours {verb}"]["p50"] - thin - inside
+                print(f"    rest of {verb} p50 (socket round trip, agent request handling, config parsing) ~{ms(rest)}")
+    if breakdown:
+        print("  the in-process path's costs (what the agent keeps warm):")
+        for k, v in breakdown.items():
+            print(f"  {k:45s} {ms(v)}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ ADD/DEL/CHECK/STATUS/GC (its CNI_* environment and stdin) to the agent and print
 - the same checks as the executable, against the API: the pod is the runtime's (K8S_POD_UID),
   bound to this node, namespace tenant == node tenant, annotation tenant == namespace tenant.
   The pod comes from the watch cache when the cache has the runtime's uid, else from a GET;
-  node and namespace are read per ADD. The node name and the credentials are the agent's own,
-  never the caller's (a config naming another node is refused, code 7).
+  node and namespace (their tenant labels) come from watches of this node and of the namespaces
+  while those watches are healthy, else from GETs, so a relabelled namespace or node is honoured
+  as soon as the API server reports it, without two GETs on every ADD. The node name and the
+  credentials are the agent's own, never the caller's (a config naming another node is refused,
+  code 7).
 
 Only root (or the agent's own uid) may talk to it: the socket is 0600 and every peer's uid is
 checked with SO_PEERCRED. Restarting the agent affects no running pod: it holds no state that
@@ -68,6 +71,7 @@ _log = logging.getLogger("netctl.cni.agent")
 REQUEST_READ_TIMEOUT_S = 5.0
 WATCH_TIMEOUT_S = 240
 RETRY_MAX_S = 5.0
+SWITCH_INTERVAL_S = 0.0005
 T = TypeVar("T")
 
 
@@ -107,22 +111,26 @@ class AgentConfig:
                    ovsdb=str(doc.get("ovsdb") or DEFAULT_OVSDB), ovs_netns=str(doc.get("ovsNetns") or INIT_NETNS))
 
 
-# ---- the pod watch ------------------------------------------------------------------------------
+# ---- the watches --------------------------------------------------------------------------------
 
 
-class PodCache:
-    """The pods bound to one node, kept current by list + watch; waiters block on `cond`."""
+class WatchCache:
+    """The objects of one collection (narrowed by `params`, e.g. a field selector), kept current by
+    list + watch on a client of its own; waiters block on `cond`. Keys are (namespace, name), with
+    namespace "" for cluster-scoped objects."""
 
-    def __init__(self, client: kubeapi.KubeClient, node: str) -> None:
+    def __init__(self, client: kubeapi.KubeClient, path: str, params: dict[str, str], what: str) -> None:
         self.client = client
-        self.node = node
+        self.path = path
+        self.params = params
+        self.what = what
         self.cond = threading.Condition()
-        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}  # the objects (pods for the pod watch)
         self.synced = False
         self.last_error = ""
         self.events = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"watch {what}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -134,14 +142,21 @@ class PodCache:
         with self.cond:
             return self.pods.get((ns, name))
 
+    def current(self, ns: str, name: str) -> dict[str, Any] | None:
+        """The object if the watch is healthy and holds it; None: ask the API server."""
+        with self.cond:
+            if not self.synced or self.last_error:
+                return None
+            return self.pods.get((ns, name))
+
     @staticmethod
-    def _key(pod: Any) -> tuple[str, str] | None:
-        meta = plugin.meta_of(pod) if isinstance(pod, dict) else {}
-        ns, name = meta.get("namespace"), meta.get("name")
+    def _key(obj: Any) -> tuple[str, str] | None:
+        meta = plugin.meta_of(obj) if isinstance(obj, dict) else {}
+        ns, name = meta.get("namespace", ""), meta.get("name")
         return (ns, name) if isinstance(ns, str) and isinstance(name, str) else None
 
     def _run(self) -> None:
-        path, selector = "/api/v1/pods", {"fieldSelector": f"spec.nodeName={self.node}"}
+        path, selector = self.path, self.params
         backoff = 0.2
         rv = ""
         while not self._stop.is_set():
@@ -157,7 +172,7 @@ class PodCache:
                         self.synced = True
                         self.last_error = ""
                         self.cond.notify_all()
-                    _log.info("listed %d pod(s) of node %s at resourceVersion %s", len(fresh), self.node, rv)
+                    _log.info("listed %d of the %s at resourceVersion %s", len(fresh), self.what, rv)
                 for event in self.client.watch(path, {**selector, "resourceVersion": rv}, WATCH_TIMEOUT_S):
                     obj = event.get("object")
                     new_rv = plugin.meta_of(obj).get("resourceVersion") if isinstance(obj, dict) else None
@@ -178,17 +193,19 @@ class PodCache:
                         return
                 backoff = 0.2
             except kubeapi.Gone as e:
-                _log.info("pod watch: %s; listing again", e)
+                _log.info("watch of the %s: %s; listing again", self.what, e)
                 rv = ""
             except kubeapi.KubeError as e:
                 with self.cond:
                     self.last_error = str(e)
-                _log.warning("pod watch: %s; retrying in %.1fs", e, backoff)
+                _log.warning("watch of the %s: %s; retrying in %.1fs", self.what, e, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 rv = ""  # relist: events may have been missed
             except Exception:
-                _log.exception("pod watch failed; retrying in %.1fs", backoff)
+                with self.cond:
+                    self.last_error = "the watch failed (see the agent's log)"
+                _log.exception("watch of the %s failed; retrying in %.1fs", self.what, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 rv = ""
@@ -205,7 +222,13 @@ class AgentResources(plugin.Resources):
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.access = kubeapi.load_kubeconfig(cfg.kubeconfig)
-        self.pods = PodCache(kubeapi.KubeClient(self.access), cfg.node_name)
+        node = cfg.node_name
+        self.pods = WatchCache(kubeapi.KubeClient(self.access), "/api/v1/pods",
+                               {"fieldSelector": f"spec.nodeName={node}"}, f"pods of node {node}")
+        self.nodes = WatchCache(kubeapi.KubeClient(self.access), "/api/v1/nodes",
+                                {"fieldSelector": f"metadata.name={node}"}, f"node {node}")
+        self.namespaces = WatchCache(kubeapi.KubeClient(self.access), "/api/v1/namespaces", {}, "namespaces")
+        self._watches = (self.pods, self.nodes, self.namespaces)
         self._clients: queue.LifoQueue[kubeapi.KubeClient] = queue.LifoQueue()
         # Every OVSDB/netlink call runs on this one thread: the warm handles are created and used
         # there only (pyroute2's sockets are per thread), and plumbing is serialised for free.
@@ -214,7 +237,8 @@ class AgentResources(plugin.Resources):
         self._hosts: dict[str, ob.Netns] = {}
 
     def start(self) -> None:
-        self.pods.start()
+        for watch in self._watches:
+            watch.start()
         self._worker.submit(self._warm_up).result()
 
     def _warm_up(self) -> None:
@@ -233,7 +257,8 @@ class AgentResources(plugin.Resources):
         self._hosts.clear()
 
     def close(self) -> None:
-        self.pods.stop()
+        for watch in self._watches:
+            watch.stop()
         self._worker.submit(self._close_handles).result()
         self._worker.shutdown()
         while not self._clients.empty():
@@ -317,8 +342,10 @@ class AgentResources(plugin.Resources):
         cached = self.pods.get(ns, name)
         if cached is not None and uid and plugin.meta_of(cached).get("uid") != uid:
             cached = None  # the cache may lag a re-created pod: ask the API
+        node = self.nodes.current("", conf.node_name)
+        namespace = self.namespaces.current("", ns)
         with self._client() as client:
-            pod, tenant = plugin.checked_pod(client, conf, ns, name, uid, deadline, cached)
+            pod, tenant = plugin.checked_pod(client, conf, ns, name, uid, deadline, cached, node, namespace)
         want_uid = plugin.meta_of(pod).get("uid")
         seen = cached is not None
         waited = time.monotonic()
@@ -453,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A request hops between threads (handler -> plumbing worker; ovsdbapp's connection thread and
+    # the commit beside the netlink work): with the default 5 ms GIL switch interval a thread woken
+    # by a reply waits for a busy one to yield, which cost ~15 ms per ADD here. Latency wins.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     for noisy in ("ovsdbapp", "ovs", "pyroute2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

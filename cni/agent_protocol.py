@@ -11,22 +11,26 @@ from its own configuration, never from the caller. stdin is passed as text decod
 `surrogateescape`, so arbitrary bytes survive the trip and the agent rejects them exactly as the
 in-process plugin would.
 
-This module is what the executable imports on the hot path (DESIGN §5): os, socket, json, time
-and nothing else; no pyroute2, ovsdbapp, yaml, dataclasses or the plugin's own modules.
+This module is what the executable imports on the hot path (DESIGN §5): only modules built into
+the interpreter (os, time, and the C halves `_socket` and `_json` of socket and json). The
+pure-Python `socket` and `json` pull in re, enum, selectors and collections, which cost ~15 ms of
+an ~10 ms interpreter start on this machine; the JSON the executable reads (its config, the
+agent's answer) is decoded with the C scanner `json` itself uses, and what it writes (a request,
+an error object) is assembled with the C string encoder, byte-for-byte what `json.dumps` writes.
+The agent's side (decode_request, encode_response, peer_uid) imports whatever it likes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import _json
+import _socket
 import os
-import socket
 import time
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms on the hot path
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from typing import IO
+    from typing import IO, Any
 
 PROTOCOL = 1
 # The CNI versions the plugin speaks (cni.spec.SUPPORTED_VERSIONS; a unit test keeps them equal).
@@ -44,12 +48,48 @@ class ProtocolError(Exception):
     """A message that is not a well-formed request/response; the message says what is wrong."""
 
 
-def _send_all_then_eof(sock: socket.socket, payload: bytes) -> None:
+class _Strict:
+    """The settings json.loads() hands the C scanner by default (NaN/Infinity read as floats)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float
+    memo: dict[Any, Any] = {}
+
+
+_scan = _json.make_scanner(_Strict())  # type: ignore[arg-type]  # any object with these attributes will do
+_BLANK = " \t\n\r"
+
+
+def loads(text: str) -> Any:
+    """json.loads(text) without importing json; ValueError for anything that is not one JSON document."""
+    start = len(text) - len(text.lstrip(_BLANK))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    except SystemError:  # the C scanner raises its errors from json.decoder, which is not imported here
+        import json
+
+        return json.loads(text)  # the error path: raises the proper JSONDecodeError (a ValueError)
+    if text[end:].strip(_BLANK):
+        raise ValueError("extra data after the JSON document")
+    return value
+
+
+def _quote(text: str) -> str:
+    return _json.encode_basestring_ascii(text)
+
+
+def _send_all_then_eof(sock: _socket.socket, payload: bytes) -> None:
     sock.sendall(payload)
-    sock.shutdown(socket.SHUT_WR)
+    sock.shutdown(_socket.SHUT_WR)
 
 
-def read_to_eof(sock: socket.socket, deadline: float, limit: int = MAX_MESSAGE) -> bytes:
+def read_to_eof(sock: _socket.socket, deadline: float, limit: int = MAX_MESSAGE) -> bytes:
     """Everything the peer sends until it closes; TimeoutError past `deadline`."""
     chunks: list[bytes] = []
     size = 0
@@ -68,13 +108,16 @@ def read_to_eof(sock: socket.socket, deadline: float, limit: int = MAX_MESSAGE) 
 
 
 def encode_request(env: Mapping[str, str], stdin: bytes) -> bytes:
-    cni_env = {k: v for k, v in env.items() if k.startswith("CNI_")}
-    return json.dumps({"protocol": PROTOCOL, "env": cni_env,
-                       "stdin": stdin.decode("utf-8", "surrogateescape")}).encode("utf-8", "surrogateescape")
+    """The request as json.dumps would write it (ASCII: arbitrary bytes travel as escaped surrogates)."""
+    cni_env = ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in env.items() if k.startswith("CNI_"))
+    text = _quote(stdin.decode("utf-8", "surrogateescape"))
+    return f'{{"protocol": {PROTOCOL}, "env": {{{cni_env}}}, "stdin": {text}}}'.encode("ascii")
 
 
 def decode_request(data: bytes) -> tuple[dict[str, str], bytes]:
     """(CNI_* environment, stdin bytes) of a request; ProtocolError if malformed."""
+    import json
+
     try:
         msg = json.loads(data.decode("utf-8", "surrogateescape"))
     except ValueError as e:
@@ -91,12 +134,14 @@ def decode_request(data: bytes) -> tuple[dict[str, str], bytes]:
 
 
 def encode_response(rc: int, stdout: str) -> bytes:
+    import json
+
     return json.dumps({"protocol": PROTOCOL, "rc": rc, "stdout": stdout}).encode("utf-8", "surrogateescape")
 
 
 def decode_response(data: bytes) -> tuple[int, str]:
     try:
-        msg = json.loads(data.decode("utf-8", "surrogateescape"))
+        msg = loads(data.decode("utf-8", "surrogateescape"))
     except ValueError:
         raise ProtocolError("the answer is not JSON (did the agent die mid-request?)") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("rc"), int) or not isinstance(msg.get("stdout"), str):
@@ -114,8 +159,8 @@ def agent_target(data: bytes) -> tuple[str, str, float] | None:
     malformed config (not JSON, unsupported version, bad agentSocket) with the proper code.
     """
     try:
-        conf = json.loads(data)
-    except ValueError:
+        conf = loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included: the in-process path reports it
         return None
     if not isinstance(conf, dict):
         return None
@@ -129,7 +174,9 @@ def agent_target(data: bytes) -> tuple[str, str, float] | None:
 
 
 def _error(version: str, code: int, msg: str, details: str) -> str:
-    return json.dumps({"cniVersion": version, "code": code, "msg": msg, "details": details})
+    """The spec's error object, as json.dumps writes it."""
+    return (f'{{"cniVersion": {_quote(version)}, "code": {int(code)}, "msg": {_quote(msg)}, '
+            f'"details": {_quote(details)}}}')
 
 
 def forward(path: str, version: str, timeout: float, env: Mapping[str, str], stdin: bytes,
@@ -142,7 +189,7 @@ def forward(path: str, version: str, timeout: float, env: Mapping[str, str], std
     command = env.get("CNI_COMMAND", "")
     code = PLUGIN_NOT_AVAILABLE if command == "STATUS" else TRY_AGAIN_LATER
     deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         try:
             sock.settimeout(min(CONNECT_TIMEOUT_S, timeout))
@@ -168,15 +215,17 @@ def forward(path: str, version: str, timeout: float, env: Mapping[str, str], std
 
 def _fail(out: IO[str], version: str, code: int, msg: str, details: str, env: Mapping[str, str]) -> int:
     out.write(_error(version, code, msg, details))
-    with contextlib.suppress(OSError):  # the runtime logs our stderr: the agent's absence gets recorded
+    try:  # noqa: SIM105 (contextlib is not imported on the hot path) -- the runtime logs our stderr
         os.write(2, f"netctl-cni {env.get('CNI_COMMAND', '')}: [{code}] {msg}: {details}\n".encode())
+    except OSError:
+        pass
     return 1
 
 
-def peer_uid(sock: socket.socket) -> int:
+def peer_uid(sock: _socket.socket) -> int:
     """The uid of the process on the other end of a unix socket (SO_PEERCRED)."""
     import struct
 
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)

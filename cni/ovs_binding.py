@@ -13,6 +13,15 @@ that offloads checksums sends TCP segments with bad checksums; ping works, TCP d
 Every port carries external_ids naming its owner, and every host veth end an alias naming its
 attachment, so DEL and GC find them without any local state (a veth whose ADD died before the
 OVS port existed included). A failed plug removes what it created before raising.
+
+Speed (pod start time, issue 3): every netlink request and every OVSDB commit is a round trip
+through a busy node, so plug_port sends as few as it can (no lookups of links it just created:
+one GET of the host end yields its index, its MAC and the index of its peer) and runs the OVSDB
+transaction (the longest single step: ovsdb-server commits, then, as ovs-vsctl does, it waits
+for ovs-vswitchd to apply it) on a helper thread while the netlink work goes on. Unplugging
+deletes the port (without waiting for vswitchd: the database is what counts) beside the veth
+deletion (the kernel's slowest step). Either way both are finished (and, after a failure, both
+undone) before returning.
 """
 
 from __future__ import annotations
@@ -22,13 +31,15 @@ import errno
 import hashlib
 import ipaddress
 import os
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ovsdbapp.backend.ovs_idl import connection as ovs_connection
 from ovsdbapp.backend.ovs_idl import idlutils
+from ovsdbapp.backend.ovs_idl import transaction as ovs_transaction
 from ovsdbapp.schema.open_vswitch import impl_idl
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
@@ -48,8 +59,17 @@ OWNER_POD_PREFIX = "pod:"  # EXT_OWNER of ports the CNI plugs; node NICs carry "
 ALIAS_TAG = "netctl-cni"  # host veth ends carry the alias "netctl-cni <network> <container id> <ifname>"
 HOST_PREFIX = "nc"
 OVS_TIMEOUT_S = 10.0
-_TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
+# Only the columns the commands below read or write are replicated: vswitchd keeps rewriting the
+# others (Interface statistics, status, link state...) and the pure-Python IDL (PyPI's ovs has no
+# C JSON parser, DESIGN §5) would parse every such update on the thread our commits wait for.
+_COLUMNS = {
+    "Open_vSwitch": ["bridges", "cur_cfg", "next_cfg"],  # ovsdbapp's commit waits for cur_cfg >= next_cfg
+    "Bridge": ["name", "ports"],
+    "Port": ["name", "interfaces", "tag", "external_ids"],
+    "Interface": ["name", "ofport", "error", "external_ids"],
+}
 _TX_CSUM = "tx-checksumming"
+T = TypeVar("T")
 
 
 class BindingError(Exception):
@@ -94,7 +114,7 @@ _Api = per_instance_connection(impl_idl.OvsdbIdl)
 
 
 class OvsDb:
-    """A short-lived Open_vSwitch DB session (only the four tables a port needs)."""
+    """A short-lived Open_vSwitch DB session (only the four tables, and their columns, a port needs)."""
 
     def __init__(self, remote: str, api: Any, conn: Any, timeout: float) -> None:
         self.remote = remote
@@ -108,8 +128,8 @@ class OvsDb:
             raise OvsUnavailable(f"OVSDB {remote} is not there (is ovsdb-server running?)")
         try:
             helper = idlutils.get_schema_helper(remote, "Open_vSwitch")
-            for table in _TABLES:
-                helper.register_table(table)
+            for table, columns in _COLUMNS.items():
+                helper.register_columns(table, columns)
             conn = ovs_connection.Connection(ovs_connection.OvsdbIdl(remote, helper), timeout)
             api = _Api(conn)
         except Exception as e:  # ovsdbapp raises bare Exception/TimeoutException on connect
@@ -133,8 +153,17 @@ class OvsDb:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, what: str, *commands: Any) -> None:
+    def _run(self, what: str, *commands: Any, wait_vswitchd: bool = True) -> None:
+        """Commit `commands` in one transaction. `wait_vswitchd`: like ovs-vsctl, return only once
+        ovs-vswitchd has applied it (next_cfg/cur_cfg; needed to see whether a new port attached);
+        else as soon as ovsdb-server committed it (removals: the database is what counts)."""
         try:
+            if not wait_vswitchd:
+                plain = ovs_transaction.Transaction(self.api, self._conn, self.timeout, check_error=True)
+                for c in commands:
+                    plain.add(c)
+                plain.commit()
+                return
             with self.api.transaction(check_error=True) as txn:
                 for c in commands:
                     txn.add(c)
@@ -160,7 +189,8 @@ class OvsDb:
         return _single(value)
 
     def del_port(self, name: str) -> None:
-        self._run(f"deleting port {name}", self.api.del_port(name, if_exists=True))
+        """Remove port `name` from the database; vswitchd detaches it on its own time (no wait)."""
+        self._run(f"deleting port {name}", self.api.del_port(name, if_exists=True), wait_vswitchd=False)
 
     def interface(self, name: str) -> dict[str, Any] | None:
         """The Interface row `name` (name, ofport, error, external_ids) plus its bridge, or None."""
@@ -268,12 +298,9 @@ class Netns:
         return links[0] if links else None
 
     def delete(self, ifname: str) -> bool:
-        """Delete link `ifname` if present; True if it was there."""
-        idx = self.index(ifname)
-        if idx is None:
-            return False
+        """Delete link `ifname` if present (one request, by name); True if it was there."""
         try:
-            self.ipr.link("del", index=idx)
+            self.ipr.link("del", ifname=ifname)
         except NetlinkError as e:
             if e.code == errno.ENODEV:
                 return False
@@ -348,6 +375,38 @@ def _host_netns(path: str, host: Netns | None, missing_ok: bool) -> Iterator[Net
             opened.close()
 
 
+class _Beside(Generic[T]):
+    """Run `fn` on a helper thread while the caller goes on; `result()` joins it and re-raises its error.
+
+    Used for the OVSDB side of a plug/unplug only: ovsdbapp commits on its own connection thread
+    and keys nested transactions by thread, so a second caller thread is safe; netlink handles stay
+    on the caller's thread (pyroute2's sockets are per thread).
+    """
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._fn = fn
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]  # set when _fn returned
+
+    def wait(self) -> None:
+        """Join, ignoring the outcome (rollback: the original error matters more)."""
+        self._thread.join()
+
+
 # ---- plug / unplug / check ------------------------------------------------------------------------
 
 
@@ -398,25 +457,23 @@ def plug_port(
                 pod = Netns(target_netns)
             except OSError as e:
                 raise LinkError(f"cannot open netns {target_netns}: {e.strerror or e}") from None
-            if hns.index(host_ifname) is not None or db.interface(host_ifname) is not None:
+            if db.interface(host_ifname) is not None:
                 _unplug(db, hns, {host_ifname})  # left over by an ADD that was killed mid-way
             created = False
+            port: _Beside[None] | None = None
             try:
-                try:
-                    hns.ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
-                                 peer={"ifname": ifname, "net_ns_fd": pod.fd, "address": mac, "mtu": mtu})
-                except NetlinkError as e:
-                    raise _link_error(f"creating veth {host_ifname} <-> {ifname} in {target_netns}", e) from None
+                _create_veth(hns, pod, host_ifname, ifname, mac, mtu, target_netns, db)
                 created = True
-                if alias:
-                    _set_alias(hns, host_ifname, alias)
-                _configure_pod_end(pod, ifname, iface, gateway, routes)
-                _configure_host_end(hns, host_ifname)
-                db.add_port(bridge, host_ifname, ids, vlan)
+                # the OVSDB commit runs beside the netlink work below; both are done before we return
+                port = _Beside(lambda: db.add_port(bridge, host_ifname, ids, vlan), f"add-port-{host_ifname}")
+                host_idx, host_mac, peer_idx = _host_end(hns, host_ifname)
+                _configure_host_end(hns, host_ifname, host_idx, alias)
+                _configure_pod_end(pod, ifname, iface, gateway, routes, peer_idx)
+                port.result()
                 ofport = db.wait_ofport(host_ifname)
-                host_link = hns.link(host_ifname)
-                host_mac = host_link.get_attr("IFLA_ADDRESS") if host_link is not None else ""
             except BaseException:
+                if port is not None:
+                    port.wait()  # a commit still in flight would re-create what the rollback removes
                 if created:
                     _rollback(db, hns, host_ifname)
                 raise
@@ -424,6 +481,38 @@ def plug_port(
             if pod is not None:
                 pod.close()
     return PlugResult(host_ifname, host_mac, ifname, mac, target_netns, mtu, ofport)
+
+
+def _create_veth(hns: Netns, pod: Netns, host_ifname: str, ifname: str, mac: str, mtu: int, target_netns: str,
+                 db: OvsDb) -> None:
+    """The veth pair, host end up already; a leftover host end of this attachment is removed first."""
+    def add() -> None:
+        hns.ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu, state="up",
+                     peer={"ifname": ifname, "net_ns_fd": pod.fd, "address": mac, "mtu": mtu})
+
+    try:
+        try:
+            add()
+        except NetlinkError as e:
+            if e.code != errno.EEXIST or hns.index(host_ifname) is None:
+                raise
+            _unplug(db, hns, {host_ifname})  # a veth left by an ADD killed before its OVS port existed
+            add()
+    except NetlinkError as e:
+        raise _link_error(f"creating veth {host_ifname} <-> {ifname} in {target_netns}", e) from None
+
+
+def _host_end(hns: Netns, name: str) -> tuple[int, str, int | None]:
+    """(index, MAC, peer's index in the pod netns) of the host end, from one request."""
+    try:
+        links = hns.ipr.link("get", ifname=name)
+    except NetlinkError as e:
+        raise _link_error(f"reading {name} in {hns.path}", e) from None
+    if not links:
+        raise LinkError(f"{name} vanished from {hns.path}")
+    link = links[0]
+    peer = link.get_attr("IFLA_LINK")  # a veth's link is its peer, by its index in the peer's netns
+    return int(link["index"]), str(link.get_attr("IFLA_ADDRESS") or ""), int(peer) if peer else None
 
 
 def attachment_alias(network: str, container_id: str, ifname: str) -> str:
@@ -439,31 +528,23 @@ def parse_alias(alias: str | None) -> tuple[str, str, str] | None:
     return parts[1], parts[2], parts[3]
 
 
-def _set_alias(host: Netns, name: str, alias: str) -> None:
-    try:
-        idx = host.index(name)
-        if idx is None:
-            raise LinkError(f"{name} vanished from {host.path}")
-        host.ipr.link("set", index=idx, ifalias=alias)
-    except LinkError:
-        raise
-    except (NetlinkError, OSError) as e:
-        raise _link_error(f"setting the alias of {name} in {host.path}", e) from None
-
-
 def _configure_pod_end(pod: Netns, ifname: str, iface: ipaddress.IPv4Interface, gateway: str | None,
-                       routes: Iterable[tuple[str, str]]) -> None:
+                       routes: Iterable[tuple[str, str]], idx: int | None = None) -> None:
+    """`idx`: the pod end's index if the caller knows it (else looked up)."""
     where = f"in {pod.path}"
     try:
-        idx = pod.index(ifname)
+        if idx is None:
+            idx = pod.index(ifname)
         if idx is None:
             raise LinkError(f"{ifname} did not appear {where}")
         pod.tx_checksum_off(ifname)
         pod.ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         pod.ipr.link("set", index=idx, state="up")
-        lo = pod.index("lo")
-        if lo is not None:
-            pod.ipr.link("set", index=lo, state="up")
+        try:
+            pod.ipr.link("set", ifname="lo", state="up")
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
         if gateway:
             pod.ipr.route("add", dst="default", gateway=gateway, oif=idx)
         for dst, via in routes:
@@ -474,13 +555,12 @@ def _configure_pod_end(pod: Netns, ifname: str, iface: ipaddress.IPv4Interface, 
         raise _link_error(f"configuring {ifname} ({iface}, gateway {gateway}) {where}", e) from None
 
 
-def _configure_host_end(host: Netns, name: str) -> None:
+def _configure_host_end(host: Netns, name: str, idx: int, alias: str | None) -> None:
+    """Mark it with `alias` (GC finds it by that) and turn TX checksum offload off; it is up already."""
     try:
+        if alias:
+            host.ipr.link("set", index=idx, ifalias=alias)
         host.tx_checksum_off(name)
-        idx = host.index(name)
-        if idx is None:
-            raise LinkError(f"{name} vanished from {host.path}")
-        host.ipr.link("set", index=idx, state="up")
     except LinkError:
         raise
     except (NetlinkError, OSError) as e:
@@ -495,17 +575,28 @@ def _rollback(ovs: OvsDb, host: Netns, name: str) -> None:
         host.delete(name)
 
 
+def _deleter(ovs: OvsDb, name: str) -> Callable[[], None]:
+    return lambda: ovs.del_port(name)
+
+
 def _unplug(ovs: OvsDb, host: Netns | None, names: set[str]) -> list[str]:
+    """Remove each name's OVS port and veth; the port's commit runs beside the (slow) veth deletion."""
     removed = []
     for name in sorted(names):
         had_port = ovs.interface(name) is not None
-        ovs.del_port(name)
+        port = _Beside(_deleter(ovs, name), f"del-port-{name}") if had_port else None
         had_link = False
-        if host is not None:
-            try:
-                had_link = host.delete(name)
-            except NetlinkError as e:
-                raise _link_error(f"deleting {name} in {host.path}", e) from None
+        try:
+            if host is not None:
+                try:
+                    had_link = host.delete(name)
+                except NetlinkError as e:
+                    raise _link_error(f"deleting {name} in {host.path}", e) from None
+        finally:
+            if port is not None:
+                port.wait()
+        if port is not None:
+            port.result()
         if had_port or had_link:
             removed.append(name)
     return removed

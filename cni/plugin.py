@@ -318,9 +318,11 @@ def get_pod(client: KubeClient, ns: str, name: str, timeout: float) -> dict[str,
 
 
 def checked_pod(client: KubeClient, conf: NetConf, ns: str, name: str, uid: str | None, deadline: float,
-                pod: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+                pod: dict[str, Any] | None = None, node: Mapping[str, Any] | None = None,
+                namespace: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """(pod, tenant) once the pod is the runtime's (uid), bound to this node, and its namespace and
-    this node belong to the same tenant; `pod` if the caller has it fresh, else it is read."""
+    this node belong to the same tenant; `pod`, `node`, `namespace` if the caller has them fresh
+    (the node agent's watches), else they are read."""
     from cni import kubeapi
 
     pod_ref = f"pod {ns}/{name}"
@@ -336,9 +338,11 @@ def checked_pod(client: KubeClient, conf: NetConf, ns: str, name: str, uid: str 
     if pod is None:
         pod = _api_call(lambda t: get_pod(client, ns, name, t), pod_ref, deadline)
     check_pod(pod, ns, name, uid, conf.node_name)
-    node = get_or_refuse(lambda t: client.get_node(conf.node_name, t), f'node "{conf.node_name}"',
-                         "nodeName in the CNI config must be this node's Kubernetes name")
-    namespace = get_or_refuse(lambda t: client.get_namespace(ns, t), f'namespace "{ns}"', "")
+    if node is None:
+        node = get_or_refuse(lambda t: client.get_node(conf.node_name, t), f'node "{conf.node_name}"',
+                             "nodeName in the CNI config must be this node's Kubernetes name")
+    if namespace is None:
+        namespace = get_or_refuse(lambda t: client.get_namespace(ns, t), f'namespace "{ns}"', "")
     return pod, check_tenancy(pod_ref, conf.node_name, node, ns, namespace)
 
 

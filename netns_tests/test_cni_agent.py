@@ -26,11 +26,12 @@ from typing import Any
 import pytest
 
 from cni import ovs_binding as ob
-from netctl.annotations import PORT_ANNOTATION
+from netctl.annotations import PORT_ANNOTATION, TENANT_LABEL
 
 pytest.register_assert_rewrite("netns_tests.cni_fixtures", "netns_tests.ovn_fixtures")
-from netns_tests.cni_fixtures import AgentProc, PodApi, netns_add, netns_del, port_annotation  # noqa: E402
+from netns_tests.cni_fixtures import TENANT, AgentProc, PodApi, netns_add, netns_del, port_annotation  # noqa: E402
 from netns_tests.ovn_fixtures import OvnEnv, run  # noqa: E402
+from netns_tests.waiting import wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 pytest_plugins = ("netns_tests.ovn_fixtures", "netns_tests.cni_fixtures")
@@ -251,6 +252,40 @@ def test_the_agent_refuses_as_the_executable_does(ovn_env: OvnEnv, cni_api: PodA
     assert needle in assert_error(rc, out, code)
     assert time.monotonic() - t0 < 5
     assert ifaces_of(ovn_env, sandbox["CNI_CONTAINERID"]) == []
+
+
+def test_a_relabelled_namespace_is_honoured_through_the_agents_watch(ovn_env: OvnEnv, cni_api: PodApi,
+                                                                     rt: Runtime) -> None:
+    """The agent takes node and namespace tenancy from its watches, not a GET per ADD: moving the
+    namespace to another tenant refuses the next ADDs (code 100) once the watch delivers it, and
+    moving it back lets them through again."""
+    ns = f"{cni_api.prefix}-relabel"
+    cni_api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {TENANT_LABEL: TENANT}}})
+    cni_api.cp.wait_service_account(ns)
+    doc = cni_api.pod_doc("ag-relabel", port_annotation(30).to_json())
+    doc["metadata"]["namespace"] = ns
+    cni_api.apply(doc)
+
+    def add() -> tuple[int, Any]:
+        sandbox = rt.sandbox("ag-relabel")
+        sandbox["CNI_ARGS"] = sandbox["CNI_ARGS"].replace(f"K8S_POD_NAMESPACE={cni_api.namespace};",
+                                                          f"K8S_POD_NAMESPACE={ns};")
+        rc, out = rt.exec("ADD", sandbox, rt.conf())
+        if rc == 0:
+            assert rt.exec("DEL", sandbox, rt.conf()) == (0, None)
+        else:
+            assert ifaces_of(ovn_env, sandbox["CNI_CONTAINERID"]) == []
+        return rc, out
+
+    rc, out = add()
+    assert rc == 0, out
+    cni_api.cp.kubectl("label", "--overwrite", "namespace", ns, f"{TENANT_LABEL}=beta")
+    rc, out = wait_for(lambda: (got := add())[0] != 0 and got, "ADD refused once the namespace is tenant beta's",
+                       timeout=10)
+    assert f'belongs to tenant "beta" but node "{cni_api.node}" belongs to tenant "{TENANT}"' in \
+        assert_error(rc, out, 100)
+    cni_api.cp.kubectl("label", "--overwrite", "namespace", ns, f"{TENANT_LABEL}={TENANT}")
+    wait_for(lambda: add()[0] == 0, "ADD accepted again once the namespace is back with its tenant", timeout=10)
 
 
 def test_parallel_adds_share_the_warm_handles(ovn_env: OvnEnv, cni_api: PodApi, rt: Runtime) -> None:

@@ -234,6 +234,21 @@ def test_leftover_of_a_killed_plug_is_replaced(ovn_env: OvnEnv, boxes: Sandboxes
     assert env.vsctl("--bare", "--columns=name", "find", "Interface", f"name={host}") == host
 
 
+def test_leftover_veth_of_a_plug_killed_before_its_port_is_replaced(ovn_env: OvnEnv, boxes: Sandboxes) -> None:
+    """The host end exists but OVS has no port for it (killed between the veth and the commit): the
+    plug removes the stale pair and goes on, without a lookup on the normal path."""
+    env = ovn_env
+    ns, host = boxes.new("r2"), host_name(env, "r2")
+    stale_peer = f"{host[:-2]}zz"
+    run("ip", "-n", env.hv_netns, "link", "add", host, "type", "veth", "peer", "name", stale_peer)
+    assert ovs_iface(env, host) is None
+    res = boxes.plug(ns, host)
+    assert ovs_iface(env, host) is not None and link(ns, "eth0") is not None
+    assert link(env.hv_netns, stale_peer) is None  # the stale pair went, peer included
+    now = link(env.hv_netns, host)
+    assert now is not None and res.host_mac == now["address"]
+
+
 def test_check_reports_what_differs(ovn_env: OvnEnv, boxes: Sandboxes) -> None:
     env = ovn_env
     ns, host = boxes.new("k1"), host_name(env, "k1")

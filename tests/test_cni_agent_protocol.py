@@ -132,3 +132,54 @@ def test_the_binary_forwards_with_the_standard_library_only(tmp_path: Path) -> N
                             env={"PATH": "/usr/bin:/bin", "CNI_COMMAND": "DEL"})
     assert binary.returncode == 1 and json.loads(binary.stdout)["code"] == 11
     assert path in binary.stderr.decode() and "Traceback" not in binary.stderr.decode()
+
+
+@pytest.mark.parametrize("stdin", [b"", b'{"cniVersion": "1.0.0", "name": "n\\u00e9"}', "é€😀".encode(),
+                                   b"\xff\xfe\x00\x1f\"\\", b"\n\t {}"])
+def test_the_hot_path_writes_what_json_dumps_writes(stdin: bytes) -> None:
+    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": 'K8S_POD_NAME=a"b\\c', "CNI_NETNS": "/run/netns/\udcff", "HOME": "/"}
+    want = {"protocol": proto.PROTOCOL, "env": {k: v for k, v in env.items() if k != "HOME"},
+            "stdin": stdin.decode("utf-8", "surrogateescape")}
+    assert proto.encode_request(env, stdin) == json.dumps(want).encode("utf-8", "surrogateescape")
+    assert proto._error("1.1.0", 11, 'no "agent" é', "x\ny") == json.dumps(
+        {"cniVersion": "1.1.0", "code": 11, "msg": 'no "agent" é', "details": "x\ny"})
+
+
+@pytest.mark.parametrize("text", ['{"a": [1, -2.5e3, "x\\u00e9", null, true, false, {}]}', " \n[1]\t", "3", '"s"',
+                                  '{"a": NaN, "b": -Infinity}', '{"a": 1, "a": 2}'])
+def test_the_hot_path_reads_what_json_loads_reads(text: str) -> None:
+    assert repr(proto.loads(text)) == repr(json.loads(text))
+
+
+BAD_JSON = ["", " ", "{", '{"a": }', "[1] [2]", "{} x", "nul", '"\x01"', "'a'", '{"a": 1', "[1,]", '"\\x"']
+
+
+@pytest.mark.parametrize("text", BAD_JSON)
+def test_the_hot_path_refuses_what_json_loads_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        proto.loads(text)
+
+
+def test_the_hot_path_refuses_bad_json_before_json_is_imported() -> None:
+    """The C scanner reports errors through json.decoder: without it imported they must still be ValueErrors."""
+    root = str(Path(cni_main.__file__).resolve().parents[1])
+    code = (f"import sys\nsys.path.insert(0, {root!r})\nfrom cni import agent_protocol as p\nbad = 0\n"
+            f"for text in {BAD_JSON!r}:\n"
+            "    try:\n        p.loads(text)\n    except ValueError:\n        bad += 1\n"
+            "print(bad)")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(len(BAD_JSON))
+
+
+def test_the_forwarding_modules_import_no_pure_python_socket_or_json() -> None:
+    """What an `-I -S` launcher loads to forward a verb: json/socket would pull in re, enum, selectors (~15 ms)."""
+    root = str(Path(cni_main.__file__).resolve().parents[1])
+    code = (f"import sys\nsys.path.insert(0, {root!r})\nimport cni.main, cni.agent_protocol\n"
+            "print(' '.join(m for m in ('json', 'socket', 're', 'enum', 'selectors', 'contextlib', 'typing')"
+            " if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""

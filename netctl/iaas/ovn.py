@@ -580,16 +580,28 @@ class _CreatePorts(ovsdb_command.BaseCommand):
                     tuple(req.extra_allowed_cidrs), req.state)
 
 
-class _ClaimPort(_CreatePorts):
-    """The pod's bound port if it has one, else a pooled port (identity and binding written only
-    if the row is still pooled: verify makes a concurrent claimer's transaction "try again"),
-    else a new port: one transaction, so the intent is on the port before anyone annotates."""
+class _PendingClaim:
+    """One caller's claim waiting to be committed (possibly by another caller: group commit)."""
 
-    def __init__(self, iaas: OvnIaaS, switch: str, owner: PortOwner, fallback_id: str, node: str | None) -> None:
-        super().__init__(iaas, switch, [PortRequest(fallback_id, owner, node)])
-        self.owner = owner
-        self.node = node
+    __slots__ = ("claim", "done", "error", "fallback_id", "node", "owner")
+
+    def __init__(self, owner: PortOwner, fallback_id: str, node: str | None) -> None:
+        self.owner, self.fallback_id, self.node = owner, fallback_id, node
         self.claim: Claim | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class _ClaimPorts(_CreatePorts):
+    """For each pending claim: the pod's bound port if it has one, else a pooled port (identity
+    and binding written only if the row is still pooled: verify makes a concurrent claimer's
+    transaction "try again"), else a new port. All of them in one transaction, so the intent is
+    on every port before anyone annotates, and N concurrent claims on a switch cost one commit."""
+
+    def __init__(self, iaas: OvnIaaS, switch: str, pending: Sequence[_PendingClaim]) -> None:
+        super().__init__(iaas, switch, [])
+        self.pending = pending
+        self.claims: list[Claim] = []
 
     def run_idl(self, txn: Any) -> None:
         ls = self.api.lookup(LS, self.switch, default=None)
@@ -598,26 +610,46 @@ class _ClaimPort(_CreatePorts):
             raise NetworkNotFound(f"no network {self.switch}")
         pod_ports, pool_ports = self.api.idl.identity_index()
         rows = self.api.tables[LSP].rows
-        mine = sorted((r for u in pod_ports.get(str(self.owner.uid), ()) if (r := rows.get(u)) is not None),
-                      key=lambda r: r.name)
-        if mine:
-            port = _port_from_row(mine[0], net.prefixlen)
+        pooled = sorted((r for u in pool_ports.get(net.tenant, ()) if (r := rows.get(u)) is not None),
+                        key=lambda r: r.name, reverse=True)  # pop() takes the lowest name
+        claims: list[Claim | None] = []
+        by_uid: dict[str, int] = {}  # a uid twice in one batch gets one port
+        creates: list[tuple[int, PortRequest]] = []
+        for i, want in enumerate(self.pending):
+            uid = str(want.owner.uid)
+            if uid in by_uid:
+                claims.append(None)
+                continue
+            by_uid[uid] = i
+            # Only ports on this switch: the pod may also hold a port on another one (its public NIC).
+            mine = sorted((r for u in pod_ports.get(uid, ()) if (r := rows.get(u)) is not None
+                           and r.external_ids.get(K_TENANT) == net.tenant), key=lambda r: r.name)
+            port = _port_from_row(mine[0], net.prefixlen) if mine else None
             if port is not None:
-                self.claim = Claim(port, hit=False, existing=True)
-                return
-        pooled = [r for u in pool_ports.get(net.tenant, ()) if (r := rows.get(u)) is not None]
-        if pooled:
-            lsp = min(pooled, key=lambda r: r.name)
-            lsp.verify("external_ids")
-            lsp.external_ids = _port_ids(net, self.owner, self.node, "bound")
-            if self.node:
-                lsp.setkey("options", REQUESTED_CHASSIS, self.iaas.chassis_of(self.node))
-            mac, _, rest = lsp.addresses[0].partition(" ")
-            self.claim = Claim(Port(lsp.name, net.id, net.tenant, mac, rest.split()[0], net.prefixlen,
-                                     self.owner, self.node, (), "bound"), hit=True)
-            return
-        super().run_idl(txn)
-        self.claim = Claim(self.result[0], hit=False)
+                claims.append(Claim(port, hit=False, existing=True))
+            elif pooled:
+                lsp = pooled.pop()
+                lsp.verify("external_ids")
+                lsp.external_ids = _port_ids(net, want.owner, want.node, "bound")
+                if want.node:
+                    lsp.setkey("options", REQUESTED_CHASSIS, self.iaas.chassis_of(want.node))
+                mac, _, rest = lsp.addresses[0].partition(" ")
+                claims.append(Claim(Port(lsp.name, net.id, net.tenant, mac, rest.split()[0], net.prefixlen,
+                                         want.owner, want.node, (), "bound"), hit=True))
+            else:
+                claims.append(None)
+                creates.append((i, PortRequest(want.fallback_id, want.owner, want.node)))
+        self.requests = [req for _, req in creates]
+        if creates:
+            super().run_idl(txn)
+            for (i, _), port in zip(creates, self.result, strict=True):
+                claims[i] = Claim(port, hit=False)
+        for i, want in enumerate(self.pending):
+            if claims[i] is None:  # the same uid earlier in the batch
+                first = claims[by_uid[str(want.owner.uid)]]
+                assert first is not None
+                claims[i] = Claim(first.port, hit=False, existing=True)
+        self.claims = [c for c in claims if c is not None]
 
 
 class _ReleasePorts(_CreatePorts):
@@ -718,6 +750,7 @@ class OvnIaaS(IaaS):
         self.chassis_of: Callable[[str], str] = chassis_of or (lambda node: node)
         self._guard = threading.Lock()
         self._switch_locks: dict[str, threading.Lock] = {}
+        self._pending_claims: dict[str, list[_PendingClaim]] = {}  # by switch, under _guard
         try:
             idl = _NbIdl.from_server(nb_connection, "OVN_Northbound")
             self._api = _NbApi(ovsdb_connection.Connection(idl, timeout))
@@ -791,6 +824,16 @@ class OvnIaaS(IaaS):
         return sorted((n for n in nets if n is not None and n.id.startswith(SWITCH_PREFIX)),
                       key=lambda n: n.id)
 
+    def ensure_uplink_port(self, network: Network, name: str, mac: str, ip: str) -> None:
+        """A port holding `mac`/`ip` with no port security, outside netctl's bookkeeping (no
+        netctl:tenant, so no resync ever frees it): what stands for the upstream router of a
+        provider network (the lab's "internet"). Its address counts as held by the allocator."""
+        addresses = [f"{mac} {ip}"]
+        with self._switch_lock(network.id):
+            self._commit(self._api.lsp_add(network.id, name, may_exist=True, addresses=addresses))
+            self._commit(self._api.db_set(LSP, name, ("addresses", addresses), ("port_security", []),
+                                          if_exists=False))
+
     # -- ports --------------------------------------------------------------------------------
 
     def create_port(
@@ -829,12 +872,38 @@ class OvnIaaS(IaaS):
         return req
 
     def claim_port(self, network: Network, owner: PortOwner, fallback_id: str, node: str | None = None) -> Claim:
+        """Group commit: a claim joins the switch's pending list; whoever holds the switch lock
+        commits everything pending in one transaction (a commit costs the same for 1 or 50 claims,
+        and more as the switch grows), the others find their answer when they get the lock."""
         self._checked(network, PortRequest(fallback_id, owner, node))
+        me = _PendingClaim(owner, fallback_id, node)
+        with self._guard:
+            self._pending_claims.setdefault(network.id, []).append(me)
         with self._switch_lock(network.id):
-            cmd = _ClaimPort(self, network.id, owner, fallback_id, node)
+            if not me.done:
+                with self._guard:
+                    batch = self._pending_claims.pop(network.id, [])[:]
+                self._commit_claims(network.id, batch)
+        if me.error is not None:
+            raise me.error
+        assert me.claim is not None
+        return me.claim
+
+    def _commit_claims(self, switch: str, batch: list[_PendingClaim]) -> None:
+        try:
+            cmd = _ClaimPorts(self, switch, batch)
             self._commit(cmd)
-        assert cmd.claim is not None
-        return cmd.claim
+            for want, claim in zip(batch, cmd.claims, strict=True):
+                want.claim = claim
+        except BaseException as e:
+            if len(batch) == 1:
+                batch[0].error = e
+            else:  # one bad claim must not fail the others: each on its own
+                for want in batch:
+                    self._commit_claims(switch, [want])
+        finally:
+            for want in batch:
+                want.done = True
 
     def release_ports(self, port_ids: Iterable[str]) -> list[Port]:
         by_switch: dict[str, list[str]] = {}
