@@ -6,7 +6,7 @@ on stdin; stdout carries exactly one JSON document and nothing else.
 Two ways to run a verb:
 - the config has `agentSocket` (the normal case on a node): ADD/DEL/CHECK/STATUS/GC are handed to
   the node agent (`python -m cni.agent`, see cni/agent.py) over that unix socket and its answer is
-  printed. This path imports only the standard library (cni.agent_protocol: os, socket, json) —
+  printed. This path imports only built-in modules (cni.agent_protocol: os, _socket, _json) —
   start-up time is pod start time (DESIGN §5). An agent that is not there is code 11 (STATUS: 50)
   naming the socket, within the timeout, never a hang.
 - no `agentSocket`, VERSION, or a config the fast path cannot read: the verb runs in this process
