@@ -31,6 +31,7 @@ import errno
 import hashlib
 import ipaddress
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -319,6 +320,14 @@ class Netns:
 
     def addresses(self, index: int) -> set[str]:
         return {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in self.ipr.get_addr(index=index)}
+
+    def routes(self, index: int) -> set[tuple[str, str | None]]:
+        """(destination CIDR, gateway) of the main table's IPv4 routes through link `index`."""
+        out: set[tuple[str, str | None]] = set()
+        for r in self.ipr.get_routes(family=socket.AF_INET, table=254):
+            if r.get_attr("RTA_OIF") == index:
+                out.add((f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", r.get_attr("RTA_GATEWAY")))
+        return out
 
 
 @contextlib.contextmanager
@@ -641,10 +650,12 @@ def check_port(
     ovs: OvsDb | None = None,
     host: Netns | None = None,
     tagged: bool = False,
+    routes: Iterable[tuple[str, str | None]] = (),
 ) -> list[str]:
     """Everything that differs from what plug_port left behind; [] when all is in place.
 
     `tagged`: the port must be an access port of the VLAN recorded at ADD (nested-vlan), else untagged.
+    `routes`: (destination CIDR, gateway) the pod must have through `ifname` (default, Service CIDR).
     """
     problems: list[str] = []
     with _session(ovsdb, timeout, ovs) as db:
@@ -670,12 +681,13 @@ def check_port(
             for key, want in (external_ids or {}).items():
                 if ext.get(key) != want:
                     problems.append(f"OVS interface {host_ifname} has {key}={ext.get(key)!r}, expected {want!r}")
-    problems += _check_links(ovs_netns, target_netns, ifname, host_ifname, mac, cidrs, host)
+    problems += _check_links(ovs_netns, target_netns, ifname, host_ifname, mac, cidrs, host, tuple(routes))
     return problems
 
 
 def _check_links(ovs_netns: str, target_netns: str, ifname: str, host_ifname: str, mac: str,
-                 cidrs: Iterable[str], host: Netns | None) -> list[str]:
+                 cidrs: Iterable[str], host: Netns | None,
+                 routes: tuple[tuple[str, str | None], ...] = ()) -> list[str]:
     problems: list[str] = []
     for path, name, want_mac, want_cidrs in ((ovs_netns, host_ifname, None, ()),
                                              (target_netns, ifname, mac, tuple(cidrs))):
@@ -698,6 +710,10 @@ def _check_links(ovs_netns: str, target_netns: str, ifname: str, host_ifname: st
                 problems.append(f"{name} in {path} has MAC {link.get_attr('IFLA_ADDRESS')}, expected {want_mac}")
             have = ns.addresses(link["index"])
             problems += [f"{name} in {path} lacks address {c}" for c in want_cidrs if c not in have]
+            if want_mac is not None and routes:  # the pod end
+                have_routes = ns.routes(link["index"])
+                problems += [f"{name} in {path} lacks route {dst}" + (f" via {gw}" if gw else "")
+                             for dst, gw in routes if (dst, gw) not in have_routes]
             if ns.tx_checksum_on(name):
                 problems.append(f"{name} in {path} has TX checksum offload on")
     return problems

@@ -19,6 +19,7 @@ ADD/DEL/CHECK/GC import the Kubernetes client (ADD only), pyroute2 and ovsdbapp 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import time
@@ -543,12 +544,21 @@ def cmd_check(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
             ovsdb=conf.ovsdb, bridge=conf.bridge, ovs_netns=conf.ovs_netns, target_netns=inv.netns,
             ifname=inv.ifname, host_ifname=ob.host_ifname(inv.container_id, inv.ifname), mac=mac, cidrs=cidrs,
             external_ids={ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname}, ovs=ovs, host=hns,
-            tagged=conf.mode == "nested-vlan",
+            tagged=conf.mode == "nested-vlan", routes=_our_routes(prev, index),
         ))
     except ob.BindingError as e:
         raise _binding_error(e, "checking the pod") from None
     if problems:
         raise CniError(Code.CHECK_FAILED, f"{inv.ifname} in {inv.netns} is not as ADD left it", "; ".join(problems))
+
+
+def _our_routes(prev: Result, index: int) -> list[tuple[str, str | None]]:
+    """The routes of the result whose gateway is on our interface's subnets: the ones ADD set
+    (default, Service CIDR). Routes of other plugins in the chain are theirs to check."""
+    nets = [ipaddress.IPv4Interface(ip.address).network for ip in prev.ips
+            if ip.interface == index and "." in ip.address]
+    return [(r.dst, r.gw) for r in prev.routes
+            if r.gw and "." in r.gw and any(ipaddress.IPv4Address(r.gw) in n for n in nets)]
 
 
 # ---- STATUS / GC (CNI 1.1) -------------------------------------------------------------------------

@@ -270,9 +270,16 @@ def test_check_reports_what_differs(ovn_env: OvnEnv, boxes: Sandboxes) -> None:
 def test_service_cidr_route_via_node_address(ovn_env: OvnEnv, boxes: Sandboxes) -> None:
     env = ovn_env
     ns, host = boxes.new("s1"), host_name(env, "s1")
-    boxes.plug(ns, host, routes=[("10.96.0.0/16", "10.79.0.2")])
+    res = boxes.plug(ns, host, routes=[("10.96.0.0/16", "10.79.0.2")])
     routes = ip_json("-n", ns, "route", "show", "10.96.0.0/16")
     assert [(r["dst"], r["gateway"], r["dev"]) for r in routes] == [("10.96.0.0/16", "10.79.0.2", "eth0")]
+    # CHECK verifies the routes ADD set up, and names a missing one
+    args: dict[str, Any] = {"ovsdb": env.ovs.db_connection, "bridge": env.bridge, "ovs_netns": boxes.hv,
+                            "target_netns": res.sandbox, "ifname": "eth0", "host_ifname": host, "mac": res.mac,
+                            "cidrs": [], "routes": [("10.96.0.0/16", "10.79.0.2")]}
+    assert ob.check_port(**args) == []
+    run("ip", "-n", ns, "route", "del", "10.96.0.0/16")
+    assert any("lacks route 10.96.0.0/16 via 10.79.0.2" in p for p in ob.check_port(**args)), ob.check_port(**args)
 
 
 def test_host_ifname_is_deterministic_and_short() -> None:
