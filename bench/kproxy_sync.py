@@ -15,6 +15,12 @@ Everything happens in a throwaway network namespace (per-run name, deleted at th
   faster at 10,000 services);
 * a one-endpoint change applied as a partial sync at that size (target < 20 ms).
 
+Besides wall-clock seconds it prints CPU seconds (user + system of every process involved: this
+one, the namespace's backend process, ``nft``): on the shared 2-core machine wall-clock ratios
+swing by 2x with the load, CPU ratios much less. Each load starts 0.5 s after the previous table
+was deleted, so the kernel's deferred freeing of that table cannot overlap the next timing (no
+measurable effect on an idle machine; on a loaded one it competes for the same two cores).
+
 Prints figures and ratios; never fails on time (exit status 0 unless something broke).
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -91,6 +98,23 @@ def timed(fn: Any, *args: Any) -> float:
     return time.perf_counter() - start
 
 
+def children_cpu() -> float:
+    """User + system seconds of this process's waited-for children (``nft -f``)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class CpuClock:
+    """CPU seconds (user + system) of this process plus the namespace's backend process: on a shared,
+    loaded machine wall-clock ratios swing by 2x, CPU-time ratios much less."""
+
+    def __init__(self, backend: NetnsBackend) -> None:
+        self.backend = backend
+
+    def __call__(self) -> float:
+        return time.process_time() + float(self.backend.run(time.process_time))
+
+
 class Recording:
     """A backend wrapper keeping the last script applied: the raw loads replay exactly it."""
 
@@ -109,16 +133,22 @@ class Recording:
         self.backend.remove(cfg)
 
 
-def nft_file(netns: str, script: str) -> float:
-    """``nft -f`` of the script in the namespace (process start included, as an operator would)."""
+def nft_file(netns: str, script: str) -> tuple[float, float]:
+    """``nft -f`` of the script in the namespace (process start included, as an operator would):
+    wall and CPU seconds."""
     with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as f:
         f.write(script)
     try:
-        start = time.perf_counter()
+        cpu0, start = children_cpu(), time.perf_counter()
         subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", f.name], check=True, capture_output=True)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, children_cpu() - cpu0
     finally:
         os.unlink(f.name)
+
+
+def settle() -> None:
+    """Let the kernel finish freeing a just-deleted table (deferred work) before the next timing."""
+    time.sleep(0.5)
 
 
 def main() -> int:
@@ -145,7 +175,11 @@ def main() -> int:
             proxier.on_slice(endpoint_slice(i, args.endpoints))
         feed = time.perf_counter() - t0
         proxier.mark_initialized()
+        settle()
+        cpu = CpuClock(backend)
+        cpu0 = cpu()
         result = proxier.sync()
+        full_cpu = cpu() - cpu0
         if result.error or result.mode != "full":
             print(f"full sync failed: {result}", file=sys.stderr)
             return 1
@@ -167,10 +201,15 @@ def main() -> int:
 
         # The references load into an empty namespace, as the full sync did.
         backend.remove(cfg)
+        settle()
+        cpu0 = cpu()
         raw = timed(backend.apply, script)  # the identical script, libnftables, no rendering
+        raw_cpu = cpu() - cpu0
         backend.remove(cfg)
-        raw_cli = nft_file(netns, script)  # the identical script through `nft -f`
+        settle()
+        raw_cli, raw_cli_cpu = nft_file(netns, script)  # the identical script through `nft -f`
         backend.remove(cfg)
+        settle()
         ref = ref_script = None
         if not args.no_reference:
             ref_table = f"{netns}ref"
@@ -187,6 +226,8 @@ def main() -> int:
         print(f"raw nft -f of the same script: {raw_cli:.3f} s -> full sync / raw nft -f = {full / raw_cli:.2f}x"
               " (target <= 1.2x)")
         print(f"raw libnftables load of the same script: {raw:.3f} s -> full sync / raw load = {full / raw:.2f}x")
+        print(f"CPU seconds (user+sys, all processes involved): full sync {full_cpu:.3f}, raw nft -f {raw_cli_cpu:.3f}"
+              f" ({full_cpu / raw_cli_cpu:.2f}x), raw libnftables {raw_cpu:.3f} ({full_cpu / raw_cpu:.2f}x)")
         if ref is not None:
             print(f"kube-proxy-shaped layout ({args.services + args.services * args.endpoints} chains) load: "
                   f"{ref:.3f} s")

@@ -97,11 +97,13 @@ class ServicePortState:
         With ``node``, only the endpoints on that node (traffic policy ``Local``), the fallback to
         terminating ones applied to that subset alone, as kube-proxy does.
         """
-        pool = self.endpoints if node is None else tuple(e for e in self.endpoints if e.node_name == node)
-        ready = tuple(e for e in pool if e.ready)
+        pool = self.endpoints if node is None else tuple([e for e in self.endpoints if e.node_name == node])
+        ready = [e for e in pool if e.ready]  # list comprehensions: this runs per port on every full sync
+        if len(ready) == len(pool) and pool:
+            return pool
         if ready:
-            return ready
-        return tuple(e for e in pool if e.serving and e.terminating)
+            return tuple(ready)
+        return tuple([e for e in pool if e.serving and e.terminating])
 
 
 @dataclass(frozen=True)

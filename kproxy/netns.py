@@ -83,7 +83,8 @@ class NetnsBackend:
         return value
 
     def apply(self, script: str) -> None:
-        self._call("apply", script)
+        # as bytes: a memcpy through pickle and the pipe, and no re-encoding by the binding there
+        self._call("apply", script.encode())
 
     def verify(self, cfg: RenderConfig, expected: Contents | None = None) -> str | None:
         result: str | None = self._call("verify", cfg, expected)

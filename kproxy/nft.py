@@ -147,13 +147,18 @@ class NftablesBackend:
         self._nft: Any = nftables.Nftables()
         self._nft.set_handle_output(False)
 
-    def _cmd(self, text: str) -> str:
+    def _cmd(self, text: str | bytes) -> str:
+        """One libnftables run. Bytes go to the library as they are (the binding would otherwise
+        encode the whole script once more); its output and errors then come back as bytes."""
         rc, out, err = self._nft.cmd(text)
+        if isinstance(out, bytes):
+            out, err = out.decode(errors="replace"), err.decode(errors="replace")
         if rc != 0:
             raise BackendError((err or f"libnftables returned {rc}").strip()[:2000])
         return str(out)
 
-    def apply(self, script: str) -> None:
+    def apply(self, script: str | bytes) -> None:
+        """``script`` as text or as its UTF-8 bytes (what ``NetnsBackend`` sends over its pipe)."""
         if script:
             self._cmd(script)
 

@@ -4,7 +4,10 @@ Full or partial is decided once, at the top of ``sync()``: full at start, after 
 transaction, and after ``verify()`` found drift (our table flushed or edited by someone else);
 partial otherwise. A partial sync renders only the service ports the tracker reports changed and
 diffs their elements against ``_mirror`` — what this process last put into the kernel for each
-service port — so one Service change touches only that Service's elements.
+service port — so one Service change touches only that Service's elements. A full sync re-renders
+only the ports whose state differs from the one their mirror was rendered from (all of them at
+start, few after drift) and runs with the cyclic GC paused: at 10,000 services its Python part is
+~0.15 s of CPU against ~0.6 s for libnftables to load the 3 MB script (bench/kproxy_sync.py).
 
 Event handlers (``on_service``/``on_slice``) only update the tracker and poke the scheduler.
 Nothing is written before ``mark_initialized()`` (informers synced), so a restart never programs
@@ -20,6 +23,8 @@ sync; filters whose deletion failed are retried with the next sync.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import threading
@@ -35,14 +40,17 @@ from kproxy.conntrack import FlowFilter, changed_flows, describe, reconcile_flow
 from kproxy.model import ServicePortName, ServicePortState
 from kproxy.nft import Backend, BackendError
 from kproxy.render import (
+    CHAINS,
+    MAPS,
     Elements,
     RenderConfig,
     count_elements,
     element_diff,
-    full_script,
     merge,
+    merge_counted,
     service_elements,
     skeleton,
+    table_script,
 )
 from kproxy.tracker import ChangeTracker
 
@@ -114,7 +122,7 @@ class Proxier:
         self._states: dict[ServicePortName, ServicePortState] = {}  # what _mirror was rendered from
         # How many service ports' mirrors hold each (map, key): more than one means two Services claim
         # one frontend (e.g. the same externalIP and port); only a full sync (first wins) is right then.
-        self._claims: Tally[tuple[str, str]] = Tally()
+        self._claims: dict[str, Tally[str]] = {}  # container -> key -> count
         self._conntrack = conntrack
         self._ct_pending: list[FlowFilter] = []
         self._elements_period = verify_elements_period_s
@@ -186,14 +194,32 @@ class Proxier:
 
     def _sync_full(self) -> int:
         states = self.tracker.all_states()
-        parts = {name: service_elements(states[name], self.cfg) for name in sorted(states)}
-        self.backend.apply(full_script(parts.values(), self.cfg))
+        old_states, old_mirror = self._states, self._mirror
+        parts: dict[ServicePortName, Elements] = {}
+        cfg = self.cfg
+        with _no_gc():  # ~10^5 short-lived objects: no generational scans of the whole heap meanwhile
+            for name, state in sorted(states.items(), key=_item_order):
+                # A port unchanged since the last sync (a full sync forced by drift) keeps what was
+                # rendered for it then: rendering is deterministic, so this is the same text.
+                prev = old_mirror.get(name) if old_mirror else None
+                if prev is not None and ((old := old_states.get(name)) is state or old == state):
+                    parts[name] = prev
+                else:
+                    parts[name] = service_elements(state, cfg)
+            merged, claims = merge_counted(list(parts.values()))
+            script = table_script(merged, cfg)
+            del merged
+        self.backend.apply(script)
+        del script
         if self._conntrack is not None:
             self._ct_pending = reconcile_flows(self._states, states)  # supersedes any older pending
-        self._mirror, self._states = parts, states
-        self._claims = Tally(k for p in parts.values() for k in _keys(p))
-        self._elements = sum(count_elements(p) for p in parts.values())
-        self._service_rules = sum(_chain_rules(p) for p in parts.values())
+        self._mirror, self._states, self._claims = parts, states, claims
+        rules = 0  # of affinity chains
+        for p in parts.values():
+            if p.get(CHAINS):
+                rules += _chain_rules(p)
+        self._elements = sum(claims[m].total() for m in MAPS)
+        self._service_rules = rules
         self._need_full = False
         return len(parts)
 
@@ -210,7 +236,7 @@ class Proxier:
             delta.update(_keys(new))
         for name, new in new_parts.items():
             mine = set(_keys(new))
-            if any(self._claims[k] + delta[k] - (k in mine) > 0 for k in (*_keys(self._mirror.get(name, {})), *mine)):
+            if any(self._claimed(k) + delta[k] - (k in mine) > 0 for k in (*_keys(self._mirror.get(name, {})), *mine)):
                 log.info("kproxy: %s shares a frontend with another service port; syncing in full", name)
                 return None
         script = [element_diff(self._mirror.get(name, {}), new, self.cfg) for name, new in new_parts.items()]
@@ -225,11 +251,12 @@ class Proxier:
                 self._states.pop(name, None)
             else:
                 self._states[name] = st
-        for k, n in delta.items():
+        for (m, k), n in delta.items():
             if n:
-                self._claims[k] += n
-                if self._claims[k] <= 0:
-                    del self._claims[k]
+                held = self._claims.setdefault(m, Tally())
+                held[k] += n
+                if held[k] <= 0:
+                    del held[k]
         for name, new in new_parts.items():
             self._elements += count_elements(new) - count_elements(self._mirror.get(name, {}))
             self._service_rules += _chain_rules(new) - _chain_rules(self._mirror.get(name, {}))
@@ -238,6 +265,11 @@ class Proxier:
             else:
                 self._mirror.pop(name, None)
         return len(changed)
+
+    def _claimed(self, key: tuple[str, str]) -> int:
+        """How many service ports' mirrors hold (container, key)."""
+        held = self._claims.get(key[0])
+        return held[key[1]] if held else 0
 
     def _clean_conntrack(self) -> None:
         """Delete the flows the last sync made stale; on failure keep them for the next sync."""
@@ -267,7 +299,8 @@ class Proxier:
             now = self._clock()
             if self._elements_period < math.inf and now - self._last_elements_check >= self._elements_period:
                 self._last_elements_check = now
-                expected = merge(self._mirror[name] for name in sorted(self._mirror))  # as a full sync would
+                # as a full sync would
+                expected = merge(self._mirror[name] for name in sorted(self._mirror, key=_order))
             try:
                 drift = self.backend.verify(self.cfg, expected)
             except BackendError as e:
@@ -281,7 +314,7 @@ class Proxier:
 
 def _chain_rules(elements: Elements) -> int:
     """Rules in the per-service chains an ``Elements`` carries (the renderer's ``chains`` container)."""
-    return sum(len((rules or "").splitlines()) for rules in elements.get("chains", {}).values())
+    return sum(len((rules or "").splitlines()) for rules in elements.get(CHAINS, {}).values())
 
 
 class SyncScheduler:
@@ -370,6 +403,29 @@ class SyncLoop:
             self.syncs += 1
             if result.error:
                 self.poke()  # retried (as a full sync) after min_period
+
+
+def _order(name: ServicePortName) -> tuple[str, str, str]:
+    """Sort key equal to the dataclass order, compared in C (sorting 10,000 names by ``__lt__`` is not)."""
+    return (name.namespace, name.name, name.port_name)
+
+
+def _item_order(item: tuple[ServicePortName, object]) -> tuple[str, str, str]:
+    name = item[0]
+    return (name.namespace, name.name, name.port_name)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic collector (rendering makes no cycles; its many allocations would otherwise
+    trigger collections that walk every object the tracker holds)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _keys(parts: Elements) -> Iterator[tuple[str, str]]:

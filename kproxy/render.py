@@ -57,8 +57,11 @@ touches only its own elements (and its own affinity chains/sets), in one transac
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import ItemsView, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain, cycle, islice
+from typing import cast
 
 from kproxy.model import Endpoint, ServicePortState
 
@@ -162,21 +165,27 @@ def skeleton_shape(cfg: RenderConfig) -> dict[str, int]:
 
 
 def _empty() -> Elements:
-    return {name: {} for name in CONTAINERS}
+    # a literal, not a loop over CONTAINERS: this runs once per service port on every full sync
+    return {SERVICE_IPS: {}, ENDPOINTS: {}, NO_ENDPOINTS: {}, NODEPORTS: {}, NODEPORT_ENDPOINTS: {},
+            NO_ENDPOINT_NODEPORTS: {}, CHAINS: {}, SETS: {}}
 
 
 def _digest(*parts: object) -> str:
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def _spread(out: Elements, target: str, chain: str, front: str, eps: Sequence[Endpoint], cfg: RenderConfig) -> str:
-    """Elements selecting among ``eps`` for one frontend; returns the DNAT chain to go to."""
-    k = len(eps)
-    slots = k if k <= cfg.exact_max else cfg.buckets
-    for n in range(slots):
-        ep = eps[n % k]
-        out[target][f"{front} . {n}"] = f"{ep.ip} . {ep.port}"
-    return f"{chain}_{k}" if k <= cfg.exact_max else chain
+_SLOTS = tuple(f" . {n}" for n in range(4096))  # key suffixes " . n", n < the largest bucket count
+
+
+def _spread(target: dict[str, str | None], chain: str, front: str, values: Sequence[str], cfg: RenderConfig) -> str:
+    """Elements selecting among the endpoints (``values``: "ip . port") for one frontend; returns
+    the DNAT chain to go to."""
+    k = len(values)
+    if k <= cfg.exact_max:
+        target.update(zip([front + slot for slot in _SLOTS[:k]], values, strict=True))
+        return f"{chain}_{k}"
+    target.update(zip([front + slot for slot in _SLOTS[:cfg.buckets]], islice(cycle(values), cfg.buckets), strict=True))
+    return chain
 
 
 def _affinity(out: Elements, state: ServicePortState, eps: Sequence[Endpoint]) -> str:
@@ -201,30 +210,38 @@ def _affinity(out: Elements, state: ServicePortState, eps: Sequence[Endpoint]) -
 def service_elements(state: ServicePortState, cfg: RenderConfig) -> Elements:
     """The elements (and, for affinity, chains and sets) one service port contributes.
 
-    Deterministic for equal input.
+    Deterministic for equal input. On the full-sync path (once per service port), so written for
+    speed: endpoint lists and their "ip . port" texts are computed once per port, not per frontend.
     """
     sp = state.port
     proto = PROTO[sp.protocol]
-    any_usable = bool(state.usable_endpoints())
+    usable = state.usable_endpoints()
     local = cfg.node_name
-    internal = state.usable_endpoints(local if sp.internal_traffic_local else None)
-    external = state.usable_endpoints(local if sp.external_traffic_local else None)
-    out = _empty()
-
-    def frontend(front: str, eps: Sequence[Endpoint], vmap: str, no_eps: str, target: str, chain: str) -> None:
-        if not eps:
-            out[no_eps][front] = DROP if any_usable else REJECT
-        elif sp.session_affinity:
-            out[vmap][front] = f"goto {_affinity(out, state, eps)}"
-        else:
-            out[vmap][front] = f"goto {_spread(out, target, chain, front, eps, cfg)}"
-
-    for ip in sp.frontend_ips:
-        eps = internal if ip == sp.cluster_ip else external
-        frontend(f"{ip} . {proto} . {sp.port}", eps, SERVICE_IPS, NO_ENDPOINTS, ENDPOINTS, DNAT_CHAIN)
+    internal = state.usable_endpoints(local) if sp.internal_traffic_local and local is not None else usable
+    external = state.usable_endpoints(local) if sp.external_traffic_local and local is not None else usable
+    cluster_ip, port = sp.cluster_ip, sp.port
+    fronts = [(f"{cluster_ip} . {proto} . {port}", internal, False)]
+    if sp.external_ips or sp.lb_ips:
+        fronts += [(f"{ip} . {proto} . {port}", external, False) for ip in sp.frontend_ips if ip != cluster_ip]
     if sp.node_port:
-        frontend(f"{proto} . {sp.node_port}", external, NODEPORTS, NO_ENDPOINT_NODEPORTS, NODEPORT_ENDPOINTS,
-                 NODEPORT_DNAT_CHAIN)
+        fronts.append((f"{proto} . {sp.node_port}", external, True))
+    out = _empty()
+    last: tuple[Endpoint, ...] | None = None
+    values: list[str] = []
+    for front, eps, node_port in fronts:
+        if node_port:
+            vmap, no_eps, target, chain = out[NODEPORTS], out[NO_ENDPOINT_NODEPORTS], out[NODEPORT_ENDPOINTS], \
+                NODEPORT_DNAT_CHAIN
+        else:
+            vmap, no_eps, target, chain = out[SERVICE_IPS], out[NO_ENDPOINTS], out[ENDPOINTS], DNAT_CHAIN
+        if not eps:
+            no_eps[front] = DROP if usable else REJECT
+        elif sp.session_affinity:
+            vmap[front] = f"goto {_affinity(out, state, eps)}"
+        else:
+            if eps is not last:  # the "ip . port" texts, once per endpoint list (not per frontend)
+                last, values = eps, [f"{e.ip} . {e.port}" for e in eps]
+            vmap[front] = f"goto {_spread(target, chain, front, values, cfg)}"
     return out
 
 
@@ -234,9 +251,14 @@ def merge(parts: Iterable[Elements]) -> Elements:
     out = _empty()
     for part in parts:
         for name, elems in part.items():
+            if not elems:
+                continue
             target = out[name]
-            for k, v in elems.items():
-                target.setdefault(k, v)
+            if target.keys().isdisjoint(elems):  # the usual case: one C-level update, no per-key loop
+                target.update(elems)
+            else:
+                for k, v in elems.items():
+                    target.setdefault(k, v)
     return out
 
 
@@ -249,6 +271,13 @@ def _element_lines(verb: str, cfg: RenderConfig, name: str, items: list[str]) ->
 
 def _fmt(key: str, value: str | None) -> str:
     return key if value is None else f"{key} : {value}"
+
+
+def _items(elems: dict[str, str | None]) -> list[str]:
+    """``key : value`` texts of a container (bare keys for set elements)."""
+    if None in elems.values():
+        return [_fmt(k, v) for k, v in elems.items()]
+    return list(map(" : ".join, cast("ItemsView[str, str]", elems.items())))  # C-level: 60,000 at 10k services
 
 
 def _chain_lines(cfg: RenderConfig, chains: dict[str, str | None], *, fresh: Iterable[str] = ()) -> list[str]:
@@ -266,17 +295,45 @@ def full_script(parts: Iterable[Elements], cfg: RenderConfig) -> str:
     """The whole table, replacing whatever is there, in one transaction.
 
     ``parts`` are the per-service-port elements (``service_elements``) in a stable order.
-    ``add table`` first makes ``delete table`` safe when the table does not exist yet.
     """
-    elements = merge(parts)
+    return table_script(merge(parts), cfg)
+
+
+def table_script(elements: Elements, cfg: RenderConfig) -> str:
+    """``full_script`` of already merged elements. ``add table`` first makes ``delete table`` safe
+    when the table does not exist yet."""
     t = f"ip {cfg.table}"
     lines = [f"add table {t}", f"delete table {t}", f"add table {t}", *skeleton(cfg)]
     lines += [f"add set {t} {name} {spec}" for name, spec in elements[SETS].items()]
     lines += _chain_lines(cfg, elements[CHAINS])
     for name in MAPS:
-        items = [_fmt(k, v) for k, v in elements[name].items()]
-        lines += _element_lines("add", cfg, name, items)
+        lines += _element_lines("add", cfg, name, _items(elements[name]))
     return "\n".join(lines) + "\n"
+
+
+_NOTHING: dict[str, str | None] = {}  # read-only stand-in for a container a part does not have
+
+
+def merge_counted(parts: Sequence[Elements]) -> tuple[Elements, dict[str, Counter[str]]]:
+    """``merge`` (first one wins), plus per container how many parts hold each key (what a partial
+    sync checks to find frontends two service ports share).
+
+    Per container: one count of all keys, and when no key is held twice (the usual case) the
+    union is built in one C-level pass; only containers with a shared key take the per-key loop.
+    """
+    merged = _empty()
+    claims: dict[str, Counter[str]] = {}
+    for name in CONTAINERS:
+        held = [elems for p in parts if (elems := p.get(name, _NOTHING))]
+        counts = claims[name] = Counter(chain.from_iterable(held))
+        if len(counts) == counts.total():
+            merged[name] = dict(chain.from_iterable(elems.items() for elems in held))
+        else:
+            target = merged[name]
+            for elems in held:
+                for k, v in elems.items():
+                    target.setdefault(k, v)
+    return merged, claims
 
 
 def element_diff(old: Elements, new: Elements, cfg: RenderConfig) -> str:

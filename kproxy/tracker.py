@@ -99,9 +99,14 @@ class ChangeTracker:
         """Make the pending changes the applied state; returns the service ports that changed."""
         changed: set[ServicePortName] = set()
         for key, ch in self._pending.items():
-            for name in ch.previous.keys() | ch.current.keys():
-                if ch.previous.get(name) != ch.current.get(name):
-                    changed.add(name)
+            previous, current = ch.previous, ch.current
+            if not previous or not current:  # a Service added or removed (all of them, at start-up)
+                changed.update(previous or current)
+            else:
+                for name in previous.keys() | current.keys():
+                    old, new = previous.get(name), current.get(name)
+                    if old is not new and old != new:
+                        changed.add(name)
             if ch.current:
                 self._applied[key] = ch.current
             else:

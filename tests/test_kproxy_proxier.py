@@ -147,6 +147,31 @@ def test_drift_detected_then_full_resync() -> None:
     assert p.verify() == "chain svc_dnat has 0 rules, expected 1"
 
 
+def test_full_resync_after_drift_renders_what_a_fresh_start_would() -> None:
+    """A full sync forced by drift reuses the elements of unchanged service ports (no re-render)
+    and renders changed ones; the script is exactly a from-scratch render of the same state."""
+    p, backend, reg = make()
+    for name, ip in (("a", "10.96.0.1"), ("b", "10.96.0.2"), ("c", "10.96.0.3")):
+        p.on_service(svc(name=name, ip=ip, ports=[{"name": "http", "port": 80, "nodePort": 30000 + int(ip[-1])}]))
+        p.on_slice(eps(service=name, name=f"{name}-x", addrs=["10.1.0.5", "10.1.0.6"]))
+    p.sync()
+    before = dict(p._mirror)
+    backend.flush_ruleset()
+    assert p.verify() == "table missing"
+    p.on_slice(eps(service="b", name="b-x", addrs=["10.1.0.7"]))  # changed while a full sync is due
+    p.on_service(svc(name="c", ip="10.96.0.3"), deleted=True)
+    r = p.sync()
+    assert (r.mode, r.error, r.changed) == ("full", None, 2)
+    st = p.tracker.all_states()
+    assert backend.applied[-1] == full_script([service_elements(st[k], CFG) for k in sorted(st)], CFG)
+    assert backend.ruleset.tables == expected_table(p)
+    a, b = (n for n in sorted(st))
+    assert p._mirror[a] is before[a] and p._mirror[b] is not before[b]
+    assert reg.get_sample_value("kproxy_elements") == (1 + 2) * 2 + (1 + 1) * 2  # frontends + slots, 2 ports
+    p.on_slice(eps(service="a", name="a-x", addrs=["10.1.0.8"]))  # partial syncs carry on from there
+    assert p.sync().mode == "partial" and backend.ruleset.tables == expected_table(p)
+
+
 def test_edited_elements_are_drift_and_partial_syncs_are_not() -> None:
     p, backend, reg = make()
     for i in range(3):

@@ -16,6 +16,8 @@ from kproxy.render import (
     count_elements,
     element_diff,
     full_script,
+    merge,
+    merge_counted,
     service_elements,
     skeleton,
     skeleton_shape,
@@ -431,3 +433,19 @@ def test_config_validation() -> None:
         RenderConfig(exact_max=0)
     with pytest.raises(ValueError):
         RenderConfig(table="x; flush ruleset")
+
+
+def test_merge_counted_is_merge_plus_claims() -> None:
+    """First one wins on a shared key (two Services on one external IP and port), and the claims
+    count how many parts hold each key — with and without a clash in a container."""
+    st = states(*WEB, svc(name="other", ip="10.96.0.11", externalIPs=["192.0.2.7"]),
+                eps(service="other", name="other-x", addrs=["10.1.0.9"]), *EMPTY, *affinity_service(backends(2)))
+    parts = [service_elements(st[k], CFG) for k in sorted(st)]
+    merged, claims = merge_counted(parts)
+    assert merged == merge(parts)
+    assert merged["service_ips"]["192.0.2.7 . tcp . 80"] == "goto svc_dnat_1"  # a/other sorts before a/web
+    assert claims["service_ips"]["192.0.2.7 . tcp . 80"] == 2
+    assert claims["service_ips"]["10.96.0.10 . tcp . 80"] == 1
+    for name in merged:
+        assert set(claims[name]) == set(merged[name])
+        assert claims[name].total() == sum(len(p[name]) for p in parts)
