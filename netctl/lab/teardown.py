@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,33 @@ def kill_pidfiles(root: Path, timeout: float = 10.0) -> None:
             pid = int(pidfile.read_text().split()[0])
             if ours(pid):
                 kill_pid(pid, timeout, check=ours)
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def kill_referencing(root: Path, timeout: float = 10.0) -> None:
+    """Stop every process whose command line names ``root`` (a daemon whose pidfile is gone, e.g.
+    one a crashed test started), except this process and its ancestors (`netctl lab down
+    --run-dir <root>` and the shell that ran it)."""
+    mine = _ancestors()
+
+    def ours(pid: int) -> bool:
+        argv = proc_cmdline(pid)
+        return argv is not None and any(str(root) in a for a in argv)
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in mine and ours(int(entry.name)):
+            with contextlib.suppress(OSError):
+                kill_pid(int(entry.name), timeout, check=ours)
 
 
 def _step(what: str, func: Any, *args: Any) -> None:
@@ -76,6 +104,7 @@ def remove_lab(run_dir: Path, state: LabState | None, live: Lab | None = None) -
         _step("stopping the control plane", live.cp.stop)
     if run_dir.exists():
         _step("stopping remaining lab processes", kill_pidfiles, run_dir)
+        _step("stopping processes that name the lab but left no pidfile", kill_referencing, run_dir)
 
     # 3. management bridge and node namespaces
     if prefix:
