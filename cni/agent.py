@@ -335,7 +335,8 @@ class AgentResources(plugin.Resources):
         return None
 
     def resolve(self, conf: NetConf, ns: str, name: str, uid: str | None, deadline: float,
-                log: plugin.Log) -> tuple[Any, str]:
+                log: plugin.Log) -> tuple[Any, str, Any]:
+        from cni import public_nic
         from netctl.annotations import PORT_ANNOTATION
 
         pod_ref = f"pod {ns}/{name}"
@@ -350,10 +351,10 @@ class AgentResources(plugin.Resources):
         seen = cached is not None
         waited = time.monotonic()
         with self.pods.cond:
-            while plugin.annotations_of(pod).get(PORT_ANNOTATION) is None:
+            while (missing := public_nic.awaited(pod, pod_ref)) is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise plugin.no_annotation(pod_ref, conf, tenant)
+                    raise plugin.no_annotation(pod_ref, conf, tenant, missing)
                 self.pods.cond.wait(remaining)
                 fresh = self.pods.pods.get((ns, name))
                 if fresh is None:
@@ -371,7 +372,8 @@ class AgentResources(plugin.Resources):
         if time.monotonic() - waited > 0.001:
             log.info(f"the {PORT_ANNOTATION} annotation arrived by the pod watch after "
                      f"{time.monotonic() - waited:.3f}s")
-        return plugin.port_of(pod, ns, name, tenant), str(want_uid or "")
+        pod_uid = str(want_uid or "")
+        return plugin.port_of(pod, ns, name, tenant), pod_uid, public_nic.public_port_of(pod, pod_ref, pod_uid)
 
 
 # ---- the socket server --------------------------------------------------------------------------

@@ -133,8 +133,8 @@ class Resources:
         return fn(None, None)
 
     def resolve(self, conf: NetConf, ns: str, name: str, uid: str | None, deadline: float,
-                log: Log) -> tuple[PortAnnotation, str]:
-        """Check the pod against the API and return its port and uid (ADD)."""
+                log: Log) -> tuple[PortAnnotation, str, PortAnnotation | None]:
+        """Check the pod against the API and return its port, uid and public port if any (ADD)."""
         kubeconfig = conf.require_kubeconfig()
         from cni import kubeapi
 
@@ -143,7 +143,7 @@ class Resources:
         except kubeapi.KubeconfigError as e:
             raise CniError(Code.INVALID_NETCONF, f"invalid network config: kubeconfig: {e}") from None
         with client:
-            return resolve_port(client, conf, ns, name, uid, deadline, log)
+            return resolve_pod(client, conf, ns, name, uid, deadline, log)
 
     def not_ready(self, conf: NetConf) -> str | None:
         """STATUS: why pods cannot be plugged now, beyond OVS (None: nothing)."""
@@ -250,9 +250,32 @@ def cmd_add(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> Result:
         raise CniError(Code.INVALID_ENV, f"CNI_NETNS {inv.netns} does not exist")
     prev = Result.from_dict(conf.prev_result) if conf.prev_result is not None else None
     deadline = time.monotonic() + conf.annotation_timeout_s
-    port, uid = res.resolve(conf, ns, name, inv.args.pod_uid, deadline, log)
+    port, uid, public = res.resolve(conf, ns, name, inv.args.pod_uid, deadline, log)
+    if public is not None and conf.netlink_only:
+        raise CniError(Code.INVALID_NETCONF, f"invalid network config: pod {ns}/{name} has a public port, but the "
+                       f"public NIC is plugged in mode ovs only, not {conf.mode}")
     ours = plug(inv, conf, port, ns, name, uid, log, res)
+    if public is not None:
+        ours = _with_public(inv, conf, ours, public, ns, name, uid, log, res)
     return ours if prev is None else chain_after(prev, ours)
+
+
+def _with_public(inv: Invocation, conf: NetConf, ours: Result, public: PortAnnotation, ns: str, name: str,
+                 uid: str, log: Log, res: Resources) -> Result:
+    """Plug the public NIC after eth0; if it fails, eth0 goes too (ADD leaves nothing behind)."""
+    from cni import ovs_binding as ob
+    from cni import public_nic
+
+    try:
+        return public_nic.combined(ours, public_nic.plug(inv, conf, public, ns, name, uid, log, res))
+    except BaseException as exc:
+        try:
+            cmd_del(inv, conf, log, res)
+        except Exception as undo:  # report the ADD failure; the runtime's DEL retries the cleanup
+            log.error(f"removing eth0 after the public NIC failed: {undo}")
+        if isinstance(exc, ob.BindingError):
+            raise _binding_error(exc, "plugging the public NIC") from None
+        raise
 
 
 def chain_after(prev: Result, ours: Result) -> Result:
@@ -287,25 +310,35 @@ def _api_call(fn: Callable[[float], dict[str, Any]], what: str, deadline: float)
 
 def resolve_port(client: KubeClient, conf: NetConf, ns: str, name: str, uid: str | None,
                  deadline: float, log: Log) -> tuple[PortAnnotation, str]:
-    """Check the pod against the API (identity, node, tenancy), wait for and parse its port.
+    """`resolve_pod` without the public port."""
+    port, uid_, _ = resolve_pod(client, conf, ns, name, uid, deadline, log)
+    return port, uid_
+
+
+def resolve_pod(client: KubeClient, conf: NetConf, ns: str, name: str, uid: str | None,
+                deadline: float, log: Log) -> tuple[PortAnnotation, str, PortAnnotation | None]:
+    """Check the pod against the API (identity, node, tenancy), wait for and parse its port (and its
+    public port, waited for only if the pod asks for one: cni.public_nic).
 
     The executable polls the pod; the node agent (cni.agent) runs the same checks and waits on
     its watch instead.
     """
+    from cni import public_nic
     from netctl.annotations import PORT_ANNOTATION
 
     pod_ref = f"pod {ns}/{name}"
     pod, tenant = checked_pod(client, conf, ns, name, uid, deadline)
     waited = time.monotonic()
-    while annotations_of(pod).get(PORT_ANNOTATION) is None:
+    while (missing := public_nic.awaited(pod, pod_ref)) is not None:
         if time.monotonic() + POLL_INTERVAL_S >= deadline:
-            raise no_annotation(pod_ref, conf, tenant)
+            raise no_annotation(pod_ref, conf, tenant, missing)
         time.sleep(POLL_INTERVAL_S)
         pod = _api_call(lambda t: get_pod(client, ns, name, t), pod_ref, deadline)
         check_pod(pod, ns, name, uid, conf.node_name)
     if time.monotonic() - waited > POLL_INTERVAL_S:
         log.info(f"waited {time.monotonic() - waited:.2f}s for the {PORT_ANNOTATION} annotation")
-    return port_of(pod, ns, name, tenant), str(meta_of(pod).get("uid") or "")
+    pod_uid = str(meta_of(pod).get("uid") or "")
+    return port_of(pod, ns, name, tenant), pod_uid, public_nic.public_port_of(pod, pod_ref, pod_uid)
 
 
 def get_pod(client: KubeClient, ns: str, name: str, timeout: float) -> dict[str, Any]:
@@ -347,12 +380,12 @@ def checked_pod(client: KubeClient, conf: NetConf, ns: str, name: str, uid: str 
     return pod, check_tenancy(pod_ref, conf.node_name, node, ns, namespace)
 
 
-def no_annotation(pod_ref: str, conf: NetConf, tenant: str) -> CniError:
+def no_annotation(pod_ref: str, conf: NetConf, tenant: str, missing: str | None = None) -> CniError:
     from netctl.annotations import PORT_ANNOTATION
 
     return CniError(
         Code.TRY_AGAIN_LATER,
-        f"{pod_ref} has no {PORT_ANNOTATION} annotation after {conf.annotation_timeout_s:g}s",
+        f"{pod_ref} has no {missing or PORT_ANNOTATION} annotation after {conf.annotation_timeout_s:g}s",
         f"is the netctl controller running, and does tenant {tenant!r} have a network?",
     )
 
@@ -511,12 +544,14 @@ def cmd_del(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
 
         return nested_verbs.delete(inv, conf, log, res)
     from cni import ovs_binding as ob
+    from cni import public_nic
 
     host = ob.host_ifname(inv.container_id, inv.ifname)
     try:
         removed = res.plumb(conf, lambda ovs, hns: ob.unplug_port(
             ovsdb=conf.ovsdb, ovs_netns=conf.ovs_netns, host_ifname=host,
             match={ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname}, ovs=ovs, host=hns))
+        removed += public_nic.unplug(inv, conf, res)  # the public NIC, if the pod had one
     except ob.BindingError as e:
         raise _binding_error(e, "unplugging the pod") from None
     log.info(f"removed {', '.join(removed)}" if removed else "nothing to remove")
@@ -525,6 +560,7 @@ def cmd_del(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
 def cmd_check(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
     """Compare the attachment with prevResult (what ADD reported)."""
     from cni import ovs_binding as ob
+    from cni import public_nic
 
     if conf.prev_result is None:
         raise CniError(Code.INVALID_NETCONF, "invalid network config: CHECK needs prevResult")
@@ -546,6 +582,7 @@ def cmd_check(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
             external_ids={ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: inv.ifname}, ovs=ovs, host=hns,
             tagged=conf.mode == "nested-vlan", routes=_our_routes(prev, index),
         ))
+        problems += public_nic.check_from_prev(inv, conf, prev, res)  # net1, if ADD plugged one
     except ob.BindingError as e:
         raise _binding_error(e, "checking the pod") from None
     if problems:
@@ -595,6 +632,10 @@ def cmd_gc(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> None:
         from cni import nested_verbs
 
         return nested_verbs.gc(conf, valid, log, res)
+    from cni import public_nic
+    from netctl.annotations import PUBLIC_IFNAME
+
+    valid = public_nic.valid_with_public(valid, PUBLIC_IFNAME)  # net1 lives as long as its container's eth0
     try:
         removed = res.plumb(conf, lambda ovs, hns: ob.gc_attachments(
             ovsdb=conf.ovsdb, ovs_netns=conf.ovs_netns, network=conf.name, valid=valid, ovs=ovs, host=hns))

@@ -16,6 +16,12 @@ from typing import Any
 
 PORT_ANNOTATION = "netctl.io/port"
 TENANT_LABEL = "netctl.io/tenant"
+# Optional public NIC (CONVENTIONS.md): the user asks with PUBLIC_IP_ANNOTATION="true"; the controller
+# answers with PUBLIC_PORT_ANNOTATION, a port on the shared provider network in the PortAnnotation format.
+PUBLIC_IP_ANNOTATION = "netctl.io/public-ip"
+PUBLIC_PORT_ANNOTATION = "netctl.io/public-port"
+PUBLIC_NETWORK = "public"  # the provider network's reserved tenant name (switch netctl-public)
+PUBLIC_IFNAME = "net1"  # the public NIC inside the pod (eth0 stays the tenant NIC)
 
 MTU_MIN = 576
 MTU_MAX = 9216
@@ -40,6 +46,16 @@ _OPTIONAL = {"vlan"}
 
 class AnnotationError(ValueError):
     """The annotation is malformed; the message says which field and why."""
+
+
+def public_ip_requested(value: object) -> bool:
+    """The pod's `netctl.io/public-ip` value: absent or "false" = no, "true" = yes; anything else is
+    refused (AnnotationError) rather than guessed, so a typo never silently means "no public IP"."""
+    if value is None or value == "false":
+        return False
+    if value == "true":
+        return True
+    raise AnnotationError(f'{PUBLIC_IP_ANNOTATION} must be "true" or "false", got {value!r}')
 
 
 def _nonempty_str(name: str, value: object) -> str:
@@ -132,18 +148,19 @@ class PortAnnotation:
         return json.dumps({key: getattr(self, attr) for key, attr in _KEYS.items()}, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> PortAnnotation:
-        """Parse and validate; any problem raises AnnotationError."""
+    def from_json(cls, text: str | bytes, name: str = PORT_ANNOTATION) -> PortAnnotation:
+        """Parse and validate; any problem raises AnnotationError (`name`: the annotation's key, for
+        the messages: the public NIC's `netctl.io/public-port` has the same format)."""
         if not isinstance(text, str | bytes | bytearray):
             raise AnnotationError(f"annotation must be JSON text, got {type(text).__name__}")
         try:
             data: Any = json.loads(text)
         except (ValueError, RecursionError) as e:
-            raise AnnotationError(f"annotation {PORT_ANNOTATION} is not valid JSON: {e}") from None
+            raise AnnotationError(f"annotation {name} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            raise AnnotationError(f"{PORT_ANNOTATION} must be a JSON object, not {type(data).__name__}")
+            raise AnnotationError(f"{name} must be a JSON object, not {type(data).__name__}")
         missing = [k for k in _KEYS if k not in data and k not in _OPTIONAL]
         if missing:
-            raise AnnotationError(f"annotation {PORT_ANNOTATION} lacks {', '.join(missing)}")
+            raise AnnotationError(f"annotation {name} lacks {', '.join(missing)}")
         fields: dict[str, Any] = {attr: data.get(key) for key, attr in _KEYS.items()}
         return cls(**fields)

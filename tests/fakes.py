@@ -74,7 +74,9 @@ class FakeIaaS(IaaS):
 
     def claim_port(self, network: Network, owner: PortOwner, fallback_id: str, node: str | None = None) -> Claim:
         with self._lock:
-            mine = sorted((p for p in self.ports.values() if p.pod_uid == owner.uid), key=lambda p: p.id)
+            # as the OVN backend: only this network's ports (the pod may hold a public port elsewhere)
+            mine = sorted((p for p in self.ports.values() if p.pod_uid == owner.uid and p.tenant == network.tenant),
+                          key=lambda p: p.id)
             if mine:
                 return Claim(mine[0], hit=False, existing=True)
             pooled = sorted((p for p in self.ports.values() if p.pooled and p.tenant == network.tenant),

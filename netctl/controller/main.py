@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from netctl import config
 from netctl.controller.app import Controller, ControllerOptions
 from netctl.controller.pools import PoolConfig
+from netctl.controller.public import PublicConfig
 from netctl.kube.client import new_api_client
 from netctl.kube.events import ApiEventSink, EventRecorder
 from netctl.kube.leader import ApiLeaseStore, LeaderElector
@@ -68,6 +69,15 @@ class ControllerConfig(config.CommonConfig):
     pool_refill_interval_s: float = dataclasses.field(
         default=1.0, metadata={"help": "seconds between pool checks (refill below min, trim above max)"}
     )
+    public_cidr: str = dataclasses.field(
+        default="",
+        metadata={"help": "CIDR of the shared provider network (OVN switch netctl-public) from which pods annotated "
+                  'netctl.io/public-ip: "true" get a second NIC with a public address for their life '
+                  "(empty = the public NIC is off)"},
+    )
+    public_gateway: str = dataclasses.field(
+        default="", metadata={"help": "the provider network's gateway (empty = the first host of public_cidr)"}
+    )
     identity: str = dataclasses.field(
         default="", metadata={"help": "leader-election identity (default: hostname_pid)"}
     )
@@ -92,6 +102,18 @@ class ControllerConfig(config.CommonConfig):
             self.pool = PoolConfig(self.pool_min, self.pool_max, self.pool_batch, self.pool_refill_interval_s)
         except ValueError as exc:
             raise config.ConfigError(str(exc)) from None
+        self.public = PublicConfig(self.public_cidr, self.public_gateway or None)
+        if self.public_gateway and not self.public_cidr:
+            raise config.ConfigError("public_gateway needs public_cidr")
+        if self.public_cidr:
+            from netctl.annotations import PUBLIC_NETWORK
+            from netctl.controller.ports import default_gateway
+            from netctl.iaas.base import NetworkSpec
+
+            try:
+                NetworkSpec(PUBLIC_NETWORK, self.public_cidr, self.public_gateway or default_gateway(self.public_cidr))
+            except ValueError as exc:
+                raise config.ConfigError(f"public_cidr/public_gateway: {exc}") from None
         if not 0 < self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
             raise config.ConfigError(
                 "leader election: need 0 < retry_period_s < renew_deadline_s < lease_duration_s, got "
@@ -116,10 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     recorder = EventRecorder(ApiEventSink(api), component="netctl-controller")
     writer = KubeWriter(api)
     ctl = Controller(api, iaas, writer, recorder,
-                     ControllerOptions(cfg.workers, cfg.resync_period_s, cfg.default_mtu, cfg.pool),
+                     ControllerOptions(cfg.workers, cfg.resync_period_s, cfg.default_mtu, cfg.pool, cfg.public),
                      rbac_writer=writer if cfg.manage_kproxy_rbac else None)
     log.info("port pools: %s", f"min {cfg.pool.min}, max {cfg.pool.ceiling}, batch {cfg.pool.batch}"
              if cfg.pool.enabled else "off (--pool-min 0)")
+    log.info("public NIC: %s", f"provider network {cfg.public_cidr}" if cfg.public.enabled
+             else "off (no --public-cidr)")
     log.info("kproxy credentials: %s", "managed" if cfg.manage_kproxy_rbac else "not managed (--no-manage-kproxy-rbac)")
     serving = Serving(cfg.metrics_address, cfg.metrics_port)
     serving.add_health_check("informers", ctl.healthy)

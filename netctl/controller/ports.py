@@ -9,6 +9,7 @@ the port, before the annotation is patched, so the next pass always sees what th
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import datetime
 import ipaddress
 import logging
@@ -17,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from netctl.annotations import PORT_ANNOTATION
+from netctl.annotations import PORT_ANNOTATION, PUBLIC_NETWORK, PUBLIC_PORT_ANNOTATION
 from netctl.controller import model
+from netctl.controller import public as pub
 from netctl.controller.model import Obj
 from netctl.controller.pools import (
     IAAS_UNAVAILABLE,
@@ -106,8 +108,10 @@ class PortController:
         on_metric: Callable[[str, str], None] | None = None,
         pool: PoolConfig | None = None,
         on_claim: Callable[[str, bool], None] | None = None,
+        public: pub.PublicConfig | None = None,
     ) -> None:
-        """``on_metric(op, result)`` counts IaaS operations; ``on_claim(tenant, hit)`` pool hits/misses."""
+        """``on_metric(op, result)`` counts IaaS operations; ``on_claim(tenant, hit)`` pool hits/misses;
+        ``public``: the provider network of the optional public NIC (None: off)."""
         self.caches = caches
         self.iaas = iaas
         self.writer = writer
@@ -125,6 +129,8 @@ class PortController:
         self._problems: dict[str, dict[str, str]] = {}
         self._pool_problems: dict[str, dict[str, str]] = {}
         self._port_counts: dict[str, dict[str, int]] = {}  # tenant -> last bound/node port counts
+        self.public = public or pub.PublicConfig()
+        self._public_net: Network | None = None
 
     # -- tenants ---------------------------------------------------------------------------------
 
@@ -152,6 +158,10 @@ class PortController:
         )
 
     def sync_tenant(self, name: str) -> Network:
+        if name == PUBLIC_NETWORK:
+            # Its switch would be the provider network's: never let a Tenant claim (or delete) it.
+            log.error('tenant name "%s" is reserved for the provider network; ignoring the Tenant', name)
+            raise TenantNotReady(f'tenant name "{name}" is reserved for the provider network')
         obj = self.caches.tenants.get(name)
         if obj is None:
             # Tenant deleted: its network goes once no port is left on it (pods first).
@@ -261,6 +271,8 @@ class PortController:
             return
         self._seen_uids[key] = uid
         mine = self.iaas.ports_of_pod(uid)
+        public_held = [p for p in mine if pub.is_public(p)]
+        mine = [p for p in mine if not pub.is_public(p)]
         elsewhere = [p for p in mine if p.tenant != tenant]  # the namespace changed tenant
         port, duplicates = choose_port([p for p in mine if p.tenant == tenant], self._annotation_for(pod))
         self.free_ports([*stale, *elsewhere, *duplicates], why=f"pod {key} was re-created, changed tenant "
@@ -316,13 +328,88 @@ class PortController:
             self._metric("bind", "ok")
             self.recorder.record(pod, "Normal", "PortBound", f"port {port.id} bound to node {node}")
         want = expected_annotation(port, net.gateway, net.mtu)
+        patch: dict[str, str | None] = {}
         if not annotation_matches(pod, want):
-            self.writer.patch_pod_annotations(ns, name, {PORT_ANNOTATION: want.to_json()}, uid=uid)
+            patch[PORT_ANNOTATION] = want.to_json()
+        # The tenant annotation is written even when the public port fails (then retried): the
+        # pod's own network never waits on the optional one.
+        public_json, public_failure = self._sync_public(pod, key, uid, public_held, bind_to)
+        if public_json is not None:
+            patch[PUBLIC_PORT_ANNOTATION] = public_json
+        if patch:
+            self.writer.patch_pod_annotations(ns, name, patch, uid=uid)
             self._metric("annotate", "ok")
+        if public_failure is not None:
+            raise public_failure
+
+    # -- the optional public NIC -----------------------------------------------------------------
+
+    def public_network(self) -> Network | None:
+        """The provider network: ensured when configured, else whatever is left of it (None: none)."""
+        if not self.public.enabled:
+            return self.iaas.get_network(PUBLIC_NETWORK)
+        with self._lock:
+            net = self._public_net
+        if net is None:
+            net = self.ensure_public_network()
+        return net
+
+    def ensure_public_network(self) -> Network:
+        cfg = self.public
+        net = self.iaas.ensure_network(NetworkSpec(
+            tenant=PUBLIC_NETWORK, cidr=cfg.cidr, gateway=cfg.gateway or default_gateway(cfg.cidr),
+            mtu=cfg.mtu or self.default_mtu,
+        ))
+        with self._lock:
+            self._public_net = net
+        return net
+
+    def _sync_public(self, pod: Obj, key: str, uid: str, held: list[Port],
+                     bind_to: str | None) -> tuple[str | None, Exception | None]:
+        """Give the pod its public port if it asks for one (or keep the one it has): returns (the
+        `netctl.io/public-port` value to write, None if it is right already; the failure to retry)."""
+        wants, malformed = pub.requested(pod)
+        if malformed:
+            self.recorder.record(pod, "Warning", "PublicIPInvalid", f"{malformed}; {key} gets no public IP")
+        port, extra = choose_port(held, pub.annotated_public_id(pod))
+        if extra:
+            self.free_ports(extra, why=f"pod {key} held more than one public port")
+        if port is None and (not wants or model.meta(pod).get("deletionTimestamp")):
+            return None, None  # never a new public address for a pod that is going away
+        try:
+            net = self.public_network()
+            if net is None:
+                self.recorder.record(pod, "Warning", "PublicIPUnavailable",
+                                     f"{key} asks for a public IP but the controller has no provider network "
+                                     "(--public-cidr)")
+                return None, None
+            if port is None:
+                meta = model.meta(pod)
+                owner = PortOwner(kind="pod", name=str(meta.get("name")), namespace=meta.get("namespace"),
+                                  uid=uid, tenant=PUBLIC_NETWORK)
+                port = self.iaas.create_port(net, owner, pub.public_port_id(uid), node=bind_to)
+                self._metric("public-create", "ok")
+                self.recorder.record(pod, "Normal", "PublicPortCreated",
+                                     f"public port {port.id} ip {port.ip} on {net.id}")
+            elif bind_to and port.node != bind_to:
+                port = self.iaas.bind_port(port.id, bind_to)
+                self._metric("bind", "ok")
+        except Exception as exc:
+            self._metric("public-create", "error")
+            self.recorder.record(pod, "Warning", "PublicPortFailed", f"public port for {key}: {exc}")
+            return None, exc
+        want = pub.expected_public_annotation(port, net.gateway, net.mtu)
+        return (None if pub.public_annotation_matches(pod, want) else want.to_json()), None
 
     def free_ports(self, ports: list[Port], why: str) -> None:
         """Ports no pod should keep: back into their tenant's pool while it is below max
         (scrubbed: new name, new address, no identity), the rest deleted."""
+        public_ids = [p.id for p in ports if pub.is_public(p)]
+        if public_ids:  # a public address is the pod's alone: never pooled for another pod
+            log.info("deleting public ports %s: %s", public_ids, why)
+            self.iaas.delete_ports(public_ids)
+            self._metric("delete", "ok")
+        ports = [p for p in ports if not pub.is_public(p)]
         if not ports:
             return
         by_tenant: dict[str, list[str]] = {}
@@ -376,7 +463,9 @@ class PortController:
     def plan(self) -> SyncPlan:
         # Ports before pods: a port created after this snapshot belongs to a pod that is in the
         # (later) pod snapshot, so it can never be mistaken for an orphan.
-        ports = self.iaas.list_ports()
+        everything = self.iaas.list_ports()
+        ports = [p for p in everything if not pub.is_public(p)]
+        public_ports = [p for p in everything if pub.is_public(p)]
         networks = {n.tenant: (n.gateway, n.mtu) for n in self.iaas.list_networks()}
         pods = self.caches.pods.list()
         tenant_of: dict[str, str | None] = {}
@@ -386,12 +475,24 @@ class PortController:
             if ns not in ns_tenant:
                 ns_tenant[ns] = self.tenant_of_namespace(ns)
             tenant_of[model.key_of(pod)] = ns_tenant[ns]
-        return plan_sync(pods, tenant_of, ports, networks, pool_ceiling=self.pool.ceiling)
+        plan = plan_sync(pods, tenant_of, ports, networks, pool_ceiling=self.pool.ceiling)
+        gateway, mtu = networks.get(PUBLIC_NETWORK, (None, 0))
+        pplan = pub.plan_public(pods, tenant_of, public_ports, gateway, mtu, self.public.enabled)
+        if pplan.freed or pplan.pods_to_sync:
+            plan = dataclasses.replace(plan, public_freed=pplan.freed,
+                                       pods_to_sync=tuple(sorted({*plan.pods_to_sync, *pplan.pods_to_sync})))
+        return plan
 
     def resync(self, enqueue_pod: Callable[[str], None], enqueue_tenant: Callable[[str], None]) -> SyncPlan:
         """Free orphans and duplicates now (a transaction per tenant), trim pools over max; hand
         everything else to the pod workers."""
+        if self.public.enabled:
+            self.ensure_public_network()  # at start (the first reconcile) and repaired every resync
         plan = self.plan()
+        if plan.public_freed:
+            log.info("resync: deleting %d public ports of gone pods", len(plan.public_freed))
+            self.iaas.delete_ports(plan.public_freed)
+            self._metric("delete", "ok")
         if plan.freed_ports:
             log.info("resync: freeing %d orphaned and %d duplicate ports",
                      len(plan.orphan_ports), len(plan.duplicate_ports))

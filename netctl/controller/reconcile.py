@@ -25,10 +25,12 @@ class SyncPlan:
     pools_over_max: tuple[tuple[str, int], ...] = ()  # (tenant, pooled ports to keep)
     pool_sizes: tuple[tuple[str, int], ...] = ()  # (tenant, pooled ports) in the snapshot
     freed_tenants: tuple[tuple[str, str], ...] = ()  # (port id, tenant) of every freed port
+    public_freed: tuple[str, ...] = ()  # provider-network ports no pod keeps (deleted, never pooled)
 
     @property
     def empty(self) -> bool:
-        return not (self.orphan_ports or self.pods_to_sync or self.duplicate_ports or self.pools_over_max)
+        return not (self.orphan_ports or self.pods_to_sync or self.duplicate_ports or self.pools_over_max
+                    or self.public_freed)
 
     @property
     def freed_ports(self) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -36,6 +37,8 @@ def _describe(lab: Lab) -> None:
     print(f"  OVN NB:      ovn-nbctl --db={lab.ovn.nb_connection} show")
     print(f"  OVS:         ip netns exec {lab.hv_netns} ovs-vsctl --db={lab.ovs.db_connection} show")
     print(f"  controller:  log {lab.run_dir / 'controller.log'}")
+    if lab.topology.public_cidr:
+        print(f"  internet:    ip netns exec {lab.internet_netns} ...  (provider network {lab.topology.public_cidr})")
     print(f"  tear down:   netctl lab down --run-dir {lab.run_dir}")
 
 
@@ -45,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where the lab keeps its state")
     parser.add_argument("--demo", action="store_true", help="(up) create the demo pods and print reachability")
     parser.add_argument("--pods", action="store_true", help="(status) list pods with a reachability probe")
+    parser.add_argument("--public-cidr", default=None,
+                        help="(up) provider network for pods annotated netctl.io/public-ip: \"true\" (e.g. "
+                        "203.0.113.0/24), with an \"internet\" netns holding its gateway")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -81,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"removing an incomplete lab in {args.run_dir} first")
         Lab(demo(), args.run_dir, prefix=state.prefix).down()
     t0 = time.monotonic()
-    lab = Lab(demo(), args.run_dir, progress=lambda m: print(m, flush=True))
+    topology = dataclasses.replace(demo(), public_cidr=args.public_cidr)
+    lab = Lab(topology, args.run_dir, progress=lambda m: print(m, flush=True))
     try:
         lab.up()
         if args.demo:

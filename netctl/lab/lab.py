@@ -141,6 +141,11 @@ class Lab:
         return f"{self.prefix}-{node}"
 
     @property
+    def internet_netns(self) -> str:
+        """The "internet" on the provider network (netctl.lab.internet), when the topology has one."""
+        return f"{self.prefix}-internet"
+
+    @property
     def kubeconfig(self) -> Path:
         return Path(self.cp.kubeconfig("admin"))
 
@@ -199,6 +204,9 @@ class Lab:
             self.start_controller()
             for t in self.topology.tenants:
                 self.wait_network(t.name)
+        if self.topology.public_cidr:
+            with self._step("provider network and the internet netns"):
+                self.attach_internet()
         if self.kubelets:
             with self._step(f"{len(self.topology.nodes)} tenant nodes (netns VM, kubelet, containerd)"):
                 self._start_nodes()
@@ -284,6 +292,7 @@ class Lab:
             f"--metrics-port={metrics_port}",
             "--lease-namespace=kube-system",
             f"--identity={identity}",
+            *([f"--public-cidr={self.topology.public_cidr}"] if self.topology.public_cidr else []),
             *self.controller_args,
             *extra_args,
         ]
@@ -476,6 +485,17 @@ class Lab:
             owner_tag=f"node:{node.name}",
         )
         return port
+
+    def attach_internet(self) -> str:
+        """The provider network's upstream router + a host beyond it, as netns `internet_netns`."""
+        from netctl.annotations import PUBLIC_NETWORK
+        from netctl.lab.internet import attach_internet
+
+        net = self.wait_network(PUBLIC_NETWORK)
+        self.state.netns.append(self.internet_netns)
+        self.state.save()
+        return attach_internet(self.iaas, net, self.internet_netns, ovsdb=self.ovs.db_connection, bridge=BRIDGE,
+                               ovs_netns=f"/run/netns/{self.hv_netns}", host_ifname=f"{self.prefix}inet")
 
     # -- pods ------------------------------------------------------------------------------------
 

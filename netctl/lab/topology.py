@@ -41,6 +41,9 @@ class Topology:
     pods: tuple[PodSpec, ...] = ()
     service_cidr: str = "10.96.0.0/16"
     mgmt_cidr: str = "10.254.0.0/24"
+    # The optional public NIC's provider network (the controller's --public-cidr) and the lab's
+    # "internet" netns on it; None = off. TEST-NET-3 (203.0.113.0/24) is fine inside namespaces.
+    public_cidr: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,6 +59,8 @@ class Topology:
                 raise ValueError(f"pod {p.name}: unknown node {p.node}")
         for t in self.tenants:
             ipaddress.ip_network(t.cidr)
+        if self.public_cidr is not None:
+            ipaddress.ip_network(self.public_cidr)
 
     def tenant(self, name: str) -> TenantSpec:
         return next(t for t in self.tenants if t.name == name)
