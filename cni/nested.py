@@ -31,7 +31,8 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni.ovs_binding import Netns
+from cni.ovs_binding import Netns, attachment_alias
+from cni.ovs_binding import parse_alias as parse_ovs_alias
 
 ALIAS_TAG = "netctl-nested"
 RETURNED_PREFIX = "nic"
@@ -72,16 +73,13 @@ class PodConfig:
 
 
 def alias(network: str, container_id: str, ifname: str) -> str:
-    """The alias of an interface we plugged; none of the parts may contain blanks (validated upstream)."""
-    return f"{ALIAS_TAG} {network} {container_id} {ifname}"
+    """The alias of an interface the nested modes moved or created (the ovs-mode format, own tag)."""
+    return attachment_alias(network, container_id, ifname, ALIAS_TAG)
 
 
 def parse_alias(text: str | None) -> tuple[str, str, str] | None:
-    """(network, container id, ifname) of one of our aliases, None for anything else."""
-    parts = text.split(" ") if text else []
-    if len(parts) != 4 or parts[0] != ALIAS_TAG or not all(parts[1:]):
-        return None
-    return parts[1], parts[2], parts[3]
+    """(network, container id, ifname) of one of our nested aliases, None for anything else."""
+    return parse_ovs_alias(text, ALIAS_TAG)
 
 
 def returned_name(mac: str) -> str:

@@ -524,15 +524,16 @@ def _host_end(hns: Netns, name: str) -> tuple[int, str, int | None]:
     return int(link["index"]), str(link.get_attr("IFLA_ADDRESS") or ""), int(peer) if peer else None
 
 
-def attachment_alias(network: str, container_id: str, ifname: str) -> str:
-    """The host end's alias; none of the three may contain blanks (netconf/spec validate them)."""
-    return f"{ALIAS_TAG} {network} {container_id} {ifname}"
+def attachment_alias(network: str, container_id: str, ifname: str, tag: str = ALIAS_TAG) -> str:
+    """The alias of an interface we plugged (`tag`: which plumbing made it); none of the three
+    may contain blanks (netconf/spec validate them)."""
+    return f"{tag} {network} {container_id} {ifname}"
 
 
-def parse_alias(alias: str | None) -> tuple[str, str, str] | None:
-    """(network, container id, ifname) from an alias we set, None for anything else."""
+def parse_alias(alias: str | None, tag: str = ALIAS_TAG) -> tuple[str, str, str] | None:
+    """(network, container id, ifname) from an alias with `tag`, None for anything else."""
     parts = alias.split(" ") if alias else []
-    if len(parts) != 4 or parts[0] != ALIAS_TAG or not all(parts[1:]):
+    if len(parts) != 4 or parts[0] != tag or not all(parts[1:]):
         return None
     return parts[1], parts[2], parts[3]
 
