@@ -22,6 +22,13 @@ PUBLIC_IP_ANNOTATION = "netctl.io/public-ip"
 PUBLIC_PORT_ANNOTATION = "netctl.io/public-port"
 PUBLIC_NETWORK = "public"  # the provider network's reserved tenant name (switch netctl-public)
 PUBLIC_IFNAME = "net1"  # the public NIC inside the pod (eth0 stays the tenant NIC)
+# Nested mode (pods inside tenant VMs): a Node's annotation naming the IaaS port of its VM's NIC,
+# the parent of its pods' VLAN subports and the VM its pods' NICs are hot-plugged into.
+# Default: the port the IaaS made for the node, `node-<node name>` (CONVENTIONS "Names").
+VM_PORT_ANNOTATION = "netctl.io/vm-port"
+# How a tenant's pods are attached (Tenant spec.mode, the CNI conflist's `mode`): a veth on the
+# hypervisor's integration bridge, or inside the tenant's VMs, a hot-plugged NIC / a VLAN subport.
+POD_MODES = ("ovs", "nested-nic", "nested-vlan")
 
 MTU_MIN = 576
 MTU_MAX = 9216

@@ -11,7 +11,17 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from netctl.iaas.base import Claim, IaaS, Network, NetworkSpec, Port, PortOwner, PortRequest, pool_port_id
+from netctl.iaas.base import (
+    Claim,
+    IaaS,
+    Network,
+    NetworkSpec,
+    Port,
+    PortNotFound,
+    PortOwner,
+    PortRequest,
+    pool_port_id,
+)
 from netctl.ipam import SubnetAllocator, mac_for_ip
 
 Obj = dict[str, Any]
@@ -25,6 +35,7 @@ class FakeIaaS(IaaS):
         self.ports: dict[str, Port] = {}
         self.alloc: dict[str, SubnetAllocator] = {}
         self.calls: list[str] = []
+        self.plugged = {}
         self._lock = threading.Lock()
 
     def ensure_network(self, spec: NetworkSpec) -> Network:
@@ -126,6 +137,45 @@ class FakeIaaS(IaaS):
             port = dataclasses.replace(self.ports[port_id], node=node)
             self.ports[port_id] = port
             return port
+
+    # nested mode: subports (lowest free VLAN per parent) and hot-plugged NICs (port -> VM port)
+    plugged: dict[str, str]
+
+    def attach_subport(self, port_id: str, parent_id: str) -> Port:
+        with self._lock:
+            port, parent = self.ports.get(port_id), self.ports.get(parent_id)
+            if port is None or parent is None:
+                raise PortNotFound(f"no port {port_id if port is None else parent_id}")
+            if port.parent == parent_id and port.vlan is not None:
+                return port
+            used = {p.vlan for p in self.ports.values() if p.parent == parent_id and p.id != port_id}
+            vlan = next(t for t in range(1, 4095) if t not in used)
+            self.calls.append(f"attach_subport {port_id} {parent_id} {vlan}")
+            port = dataclasses.replace(port, parent=parent_id, vlan=vlan)
+            self.ports[port_id] = port
+            return port
+
+    def detach_subport(self, port_id: str) -> None:
+        with self._lock:
+            if port_id in self.ports:
+                self.ports[port_id] = dataclasses.replace(self.ports[port_id], parent=None, vlan=None)
+
+    def hotplug_port(self, port_id: str, vm_port_id: str) -> bool:
+        with self._lock:
+            if port_id not in self.ports or vm_port_id not in self.ports:
+                raise PortNotFound(f"no port {port_id if port_id not in self.ports else vm_port_id}")
+            if self.plugged.get(port_id) == vm_port_id:
+                return False
+            self.calls.append(f"hotplug_port {port_id} {vm_port_id}")
+            self.plugged[port_id] = vm_port_id
+            return True
+
+    def unplug_port(self, port_id: str) -> bool:
+        with self._lock:
+            if self.plugged.pop(port_id, None) is None:
+                return False
+            self.calls.append(f"unplug_port {port_id}")
+            return True
 
     def delete_port(self, port_id: str) -> None:
         self.delete_ports([port_id])

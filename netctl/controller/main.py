@@ -40,6 +40,18 @@ class ControllerConfig(config.CommonConfig):
         metadata={"help": "bind every port to this OVN chassis instead of the pod's node name "
                   "(a lab or a deployment where nodes share one hypervisor chassis)"},
     )
+    hypervisor_ovsdb: str = dataclasses.field(
+        default="",
+        metadata={"help": "Open_vSwitch DB of the hypervisor that hot-plugs ports into tenant VMs for Tenants with "
+                  "mode nested-nic (the lab's one chassis: unix:<lab>/ovs/db.sock); empty = nested-nic "
+                  "unsupported (PortFailed Events). Subports (nested-vlan) need only the OVN NB"},
+    )
+    hypervisor_netns: str = dataclasses.field(
+        default="/proc/1/ns/net", metadata={"help": "network namespace (path) in which that OVS runs"}
+    )
+    hypervisor_bridge: str = dataclasses.field(
+        default="br-int", metadata={"help": "the hypervisor's integration bridge the NICs' host ends join"}
+    )
     default_mtu: int = dataclasses.field(default=1400, metadata={"help": "pod MTU when the Tenant sets none"})
     resync_period_s: float = dataclasses.field(
         default=60.0, metadata={"help": "seconds between full pods/ports/annotations resyncs"}
@@ -127,7 +139,12 @@ def _iaas(cfg: ControllerConfig):  # type: ignore[no-untyped-def]
     from netctl.iaas.ovn import OvnIaaS
 
     chassis = cfg.chassis
-    return OvnIaaS(cfg.ovn_nb, chassis_of=(lambda node: chassis) if chassis else None)
+    hypervisor = None
+    if cfg.hypervisor_ovsdb:
+        from netctl.iaas.ovn_nested import Hypervisor
+
+        hypervisor = Hypervisor.connect(cfg.hypervisor_ovsdb, cfg.hypervisor_bridge, cfg.hypervisor_netns)
+    return OvnIaaS(cfg.ovn_nb, chassis_of=(lambda node: chassis) if chassis else None, hypervisor=hypervisor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from netctl.annotations import PORT_ANNOTATION, PUBLIC_NETWORK, PUBLIC_PORT_ANNOTATION
+from netctl.annotations import (
+    POD_MODES,
+    PORT_ANNOTATION,
+    PUBLIC_NETWORK,
+    PUBLIC_PORT_ANNOTATION,
+    VM_PORT_ANNOTATION,
+)
 from netctl.controller import model
 from netctl.controller import public as pub
 from netctl.controller.model import Obj
@@ -285,10 +291,13 @@ class PortController:
         node = model.node_name(pod)
         node_tenant = model.tenant_label(self.caches.nodes.get(node)) if node else None
         bind_to = node if node and node_tenant == tenant else None
+        # Nested tenants: the port is bound where the IaaS plugs it (the VM's chassis), not by us
+        nested = self.mode_of(tenant) != "ovs"
         if port is None:
             owner = PortOwner(kind="pod", name=name, namespace=ns, uid=uid, tenant=tenant)
             try:
-                claim = self.iaas.claim_port(net, owner, model.port_id_for_pod(uid), node=bind_to)
+                claim = self.iaas.claim_port(net, owner, model.port_id_for_pod(uid),
+                                              node=None if nested else bind_to)
             except Exception as exc:
                 self._metric("create", "error")
                 self._problem(tenant, exc)
@@ -318,7 +327,7 @@ class PortController:
                 f'pod {key} belongs to tenant "{tenant}" but node "{node}" belongs to '
                 f'{"tenant " + repr(node_tenant) if node_tenant else "no tenant"}; not binding its port',
             )
-        elif node and port.node != node:
+        elif node and port.node != node and not nested:
             try:
                 self.iaas.bind_port(port.id, node)
             except Exception as exc:
@@ -327,6 +336,10 @@ class PortController:
                 raise
             self._metric("bind", "ok")
             self.recorder.record(pod, "Normal", "PortBound", f"port {port.id} bound to node {node}")
+        if nested:
+            if bind_to is None:
+                return  # no annotation before the pod's VM gives it a NIC or a VLAN: the CNI waits
+            port = self._nest(pod, key, port, bind_to)
         want = expected_annotation(port, net.gateway, net.mtu)
         patch: dict[str, str | None] = {}
         if not annotation_matches(pod, want):
@@ -341,6 +354,47 @@ class PortController:
             self._metric("annotate", "ok")
         if public_failure is not None:
             raise public_failure
+
+    # -- nested mode -----------------------------------------------------------------------------
+
+    def mode_of(self, tenant: str) -> str:
+        """How the tenant's pods are attached (Tenant spec.mode; the CRD rejects other values)."""
+        obj = self.caches.tenants.get(tenant)
+        mode = str(((obj or {}).get("spec") or {}).get("mode") or "ovs")
+        return mode if mode in POD_MODES else "ovs"
+
+    def vm_port_of(self, node: str) -> str:
+        """The IaaS port of the node VM's NIC: the Node's netctl.io/vm-port, else `node-<name>`."""
+        named = model.annotations_of(self.caches.nodes.get(node) or {}).get(VM_PORT_ANNOTATION)
+        return named or model.port_id_for_node(node)
+
+    def _nest(self, pod: Obj, key: str, port: Port, node: str) -> Port:
+        """Give the pod's port to its VM: a VLAN subport of the VM's NIC, or a hot-plugged NIC."""
+        vm_port = self.vm_port_of(node)
+        vlan = self.mode_of(port.tenant) == "nested-vlan"
+        try:
+            if vlan:
+                if port.parent != vm_port or port.vlan is None:
+                    port = self.iaas.attach_subport(port.id, vm_port)
+                    self.recorder.record(pod, "Normal", "SubportAttached",
+                                         f"port {port.id} is VLAN {port.vlan} of {vm_port} (node {node})")
+            elif self.iaas.hotplug_port(port.id, vm_port):
+                self.recorder.record(pod, "Normal", "PortHotplugged",
+                                     f"port {port.id} plugged as a NIC into the VM of {vm_port} (node {node})")
+        except Exception as exc:
+            self._metric("subport" if vlan else "hotplug", "error")
+            self.recorder.record(pod, "Warning", "PortFailed",
+                                 f"giving port {port.id} of {key} to the VM of node {node} ({vm_port}): {exc}")
+            raise
+        self._metric("subport" if vlan else "hotplug", "ok")
+        return port
+
+    def _unplug(self, ports: list[Port] | list[tuple[str, str]]) -> None:
+        """Hot-plugged NICs of nested-nic tenants leave their VM before the port is pooled or deleted."""
+        for item in ports:
+            pid, tenant = (item.id, item.tenant) if isinstance(item, Port) else item
+            if self.mode_of(tenant) == "nested-nic" and self.iaas.unplug_port(pid):
+                self._metric("unplug", "ok")
 
     # -- the optional public NIC -----------------------------------------------------------------
 
@@ -412,6 +466,7 @@ class PortController:
         ports = [p for p in ports if not pub.is_public(p)]
         if not ports:
             return
+        self._unplug(ports)
         by_tenant: dict[str, list[str]] = {}
         for p in ports:
             by_tenant.setdefault(p.tenant, []).append(p.id)
@@ -499,6 +554,7 @@ class PortController:
             tenants: dict[str, list[str]] = {}
             for pid, tenant in plan.freed_tenants:
                 tenants.setdefault(tenant, []).append(pid)
+            self._unplug(list(plan.freed_tenants))
             sizes = dict(plan.pool_sizes)
             for tenant, ids in sorted(tenants.items()):
                 release, delete = split_freed(sizes.get(tenant, 0), ids, self.pool)

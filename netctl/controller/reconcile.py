@@ -47,7 +47,7 @@ def expected_annotation(port: Port, gateway: str | None, mtu: int) -> PortAnnota
         mtu=mtu,
         tenant=port.tenant,
         network_id=port.network_id,
-        vlan=None,
+        vlan=port.vlan,
     )
 
 

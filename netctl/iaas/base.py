@@ -44,6 +44,10 @@ class IaaSConflict(IaaSError):
     """The request contradicts what already exists (e.g. same tenant, different CIDR)."""
 
 
+class NestingUnsupported(IaaSError):
+    """The backend cannot attach ports to VMs (hot-plug) or make trunk subports."""
+
+
 class IaaSUnavailable(IaaSError):
     """The IaaS API/DB cannot be reached or did not answer in time; retry with backoff."""
 
@@ -120,6 +124,9 @@ class Port:
     node: str | None
     extra_ips: tuple[str, ...] = ()
     state: PortState | None = None
+    # nested mode, VLAN subports: the VM NIC's port this one is a child of, and its VLAN id
+    parent: str | None = None
+    vlan: int | None = None
 
     @property
     def pooled(self) -> bool:
@@ -259,6 +266,28 @@ class IaaS(ABC):
     def list_ports(self, tenant: str | None = None) -> list[Port]:
         """netctl's ports (all tenants, or one)."""
 
+    # -- nested mode (pods inside tenant VMs, DESIGN §1): optional capabilities -------------------
+
+    def attach_subport(self, port_id: str, parent_id: str) -> Port:
+        """Make `port_id` a VLAN child of the VM NIC's port `parent_id` (a Neutron trunk subport),
+        with the lowest VLAN id free under that parent; idempotent (a child of `parent_id` already
+        keeps its VLAN). Returns the port with `parent` and `vlan` set."""
+        raise NestingUnsupported(f"{type(self).__name__} cannot make trunk subports")
+
+    def detach_subport(self, port_id: str) -> None:
+        """Make `port_id` a plain port again (no parent, no VLAN); no-op if it is one or is gone."""
+        raise NestingUnsupported(f"{type(self).__name__} cannot make trunk subports")
+
+    def hotplug_port(self, port_id: str, vm_port_id: str) -> bool:
+        """Attach `port_id` as a new NIC to the VM that holds the port `vm_port_id` (Nova
+        interface-attach); idempotent: True if it was plugged now, False if it was already. The
+        guest may see it asynchronously (the CNI answers "try again later" until it does)."""
+        raise NestingUnsupported(f"{type(self).__name__} cannot hot-plug ports into VMs")
+
+    def unplug_port(self, port_id: str) -> bool:
+        """Detach `port_id` from whatever VM holds it; idempotent; True if something was unplugged."""
+        raise NestingUnsupported(f"{type(self).__name__} cannot hot-plug ports into VMs")
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold a connection
         """Release connections; the object is unusable afterwards."""
 
@@ -277,6 +306,7 @@ __all__ = [
     "IaaSConflict",
     "IaaSError",
     "IaaSUnavailable",
+    "NestingUnsupported",
     "Network",
     "NetworkNotFound",
     "NetworkSpec",

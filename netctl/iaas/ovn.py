@@ -52,6 +52,7 @@ from netctl.iaas.base import (
     IaaSConflict,
     IaaSError,
     IaaSUnavailable,
+    NestingUnsupported,
     Network,
     NetworkNotFound,
     NetworkSpec,
@@ -63,6 +64,7 @@ from netctl.iaas.base import (
     SubnetExhausted,
     pool_port_id,
 )
+from netctl.iaas.ovn_nested import Hypervisor, MakeSubport
 from netctl.ovsdb import per_instance_connection
 
 LOG = logging.getLogger(__name__)
@@ -478,6 +480,8 @@ def _port_from_row(lsp: Any, prefixlen: int, ids: dict[str, str] | None = None) 
         node=ids.get(K_NODE),
         extra_ips=tuple(t for t in sec[1:] if t != ip),
         state=_state(ids),
+        parent=next(iter(_strings(lsp, "parent_name")), None) or None,
+        vlan=next((int(t) for t in _strings(lsp, "tag_request")), None),
     )
 
 
@@ -744,8 +748,11 @@ class OvnIaaS(IaaS):
         timeout: float = 10.0,
         *,
         chassis_of: Callable[[str], str] | None = None,
+        hypervisor: Hypervisor | None = None,
     ) -> None:
+        """``hypervisor``: what plugs ports into VMs for nested-nic tenants (None: hot-plug unsupported)."""
         self.nb_connection = nb_connection
+        self.hypervisor = hypervisor
         self.timeout = timeout
         self.chassis_of: Callable[[str], str] = chassis_of or (lambda node: node)
         self._guard = threading.Lock()
@@ -761,6 +768,8 @@ class OvnIaaS(IaaS):
 
     def close(self) -> None:
         self._api.ovsdb_connection.stop(timeout=5)
+        if self.hypervisor is not None:
+            self.hypervisor.close()
 
     def _commit(self, *commands: Any) -> list[Any]:
         try:
@@ -959,6 +968,53 @@ class OvnIaaS(IaaS):
         if bound is None:
             raise PortNotFound(f"port {port_id} vanished while being bound")
         return bound
+
+    # -- nested mode ----------------------------------------------------------------------------
+
+    def attach_subport(self, port_id: str, parent_id: str) -> Port:
+        port, parent = self.get_port(port_id), self.get_port(parent_id)
+        if port is None or parent is None:
+            raise PortNotFound(f"no port {port_id if port is None else parent_id}")
+        if port.tenant != parent.tenant:
+            raise IaaSConflict(f"port {port_id} of tenant {port.tenant} cannot be a subport of {parent_id} "
+                               f"of tenant {parent.tenant}")
+        if port.parent == parent_id and port.vlan is not None:
+            return port
+        # the switch lock serialises this process's choices of a free VLAN under one parent
+        with self._switch_lock(switch_name(port.tenant)):
+            self._commit(MakeSubport(self._api, port_id, parent_id))
+        done = self.get_port(port_id)
+        if done is None:
+            raise PortNotFound(f"port {port_id} vanished while becoming a subport")
+        return done
+
+    def detach_subport(self, port_id: str) -> None:
+        port = self.get_port(port_id)
+        if port is None or (port.parent is None and port.vlan is None):
+            return
+        self._commit(self._api.db_clear(LSP, port_id, "parent_name"),
+                     self._api.db_clear(LSP, port_id, "tag_request"))
+
+    def hotplug_port(self, port_id: str, vm_port_id: str) -> bool:
+        hv = self._hypervisor()
+        port = self.get_port(port_id)
+        if port is None:
+            raise PortNotFound(f"no port {port_id}")
+        vm = hv.vm_of(vm_port_id)
+        if vm is None:
+            raise IaaSError(f"port {vm_port_id} is not plugged into any VM of this hypervisor: cannot find the VM "
+                            f"to plug {port_id} into")
+        net = self.get_network(port.tenant)
+        return hv.ensure_attached(port.id, port.mac, vm, mtu=net.mtu if net is not None else 1400)
+
+    def unplug_port(self, port_id: str) -> bool:
+        return self._hypervisor().detach(port_id)
+
+    def _hypervisor(self) -> Hypervisor:
+        if self.hypervisor is None:
+            raise NestingUnsupported("this OVN backend has no hypervisor to hot-plug ports with "
+                                     "(netctl controller --hypervisor-ovsdb)")
+        return self.hypervisor
 
     def delete_port(self, port_id: str) -> None:
         self.delete_ports([port_id])

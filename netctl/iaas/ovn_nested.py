@@ -29,7 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ovsdbapp.backend.ovs_idl import command as ovsdb_command
 from ovsdbapp.backend.ovs_idl import connection as ovsdb_connection
+from ovsdbapp.schema.open_vswitch.impl_idl import OvsdbIdl as OvsIdlImpl
 from ovsdbapp.schema.ovn_northbound.impl_idl import OvnNbApiIdlImpl
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
@@ -45,6 +47,7 @@ TAP_PREFIX = "tap"
 VLAN_MIN, VLAN_MAX = 1, 4094
 
 _NbApi = per_instance_connection(OvnNbApiIdlImpl)
+_OvsApi = per_instance_connection(OvsIdlImpl)
 
 
 def connect_nb(remote: str, timeout: float = 10.0) -> Any:
@@ -89,6 +92,36 @@ def make_subport(nb: Any, port_id: str, parent: str, tag: int, timeout: float = 
             raise IaaSUnavailable(f"ovn-northd did not confirm tag {tag} on {port_id} within {timeout:g}s "
                                   f"(tag is {list(row.tag)})")
         time.sleep(0.05)
+
+
+class MakeSubport(ovsdb_command.BaseCommand):
+    """Make `port_id` a child of `parent` with the lowest VLAN free under it, chosen inside the
+    transaction (`verify` on the children's tag_request makes a concurrent writer's choice abort
+    ours instead of duplicating it). An existing child of `parent` keeps its VLAN. `result` is
+    the VLAN."""
+
+    def __init__(self, api: Any, port_id: str, parent: str) -> None:
+        super().__init__(api)
+        self.port_id = port_id
+        self.parent = parent
+
+    def run_idl(self, txn: Any) -> None:
+        lsp = self.api.lookup(LSP, self.port_id)
+        if list(lsp.parent_name) == [self.parent] and lsp.tag_request:
+            self.result = int(lsp.tag_request[0])
+            return
+        used: set[int] = set()
+        for row in self.api.tables[LSP].rows.values():
+            if row is not lsp and list(row.parent_name) == [self.parent]:
+                row.verify("tag_request")
+                used.update(int(t) for t in row.tag_request)
+        tag = next((t for t in range(VLAN_MIN, VLAN_MAX + 1) if t not in used), None)
+        if tag is None:
+            raise IaaSError(f"no VLAN id is free under {self.parent} ({len(used)} subports)")
+        lsp.verify("parent_name")
+        lsp.parent_name = self.parent
+        lsp.tag_request = tag
+        self.result = tag
 
 
 def clear_subport(nb: Any, port_id: str) -> None:
@@ -203,6 +236,37 @@ class Hypervisor:
         finally:
             hv.close()
             vm.close()
+
+    @classmethod
+    def connect(cls, ovsdb: str, bridge: str, hv_netns: str, timeout: float = 10.0) -> Hypervisor:
+        """A hypervisor on the Open_vSwitch DB `ovsdb` (its own connection; `close` stops it)."""
+        try:
+            idl = ovsdb_connection.OvsdbIdl.from_server(ovsdb, "Open_vSwitch")
+            api = _OvsApi(ovsdb_connection.Connection(idl, timeout))
+        except Exception as e:  # ovs raises plain Exception when the schema cannot be fetched
+            raise IaaSUnavailable(f"hypervisor OVSDB {ovsdb} unreachable: {e}") from e
+        return cls(api, bridge, hv_netns)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ovs.ovsdb_connection.stop(timeout=5)
+
+    def vm_of(self, port_id: str) -> str | None:
+        """The VM (netns path) the port `port_id` is plugged into, None if none."""
+        rows = self.ovs.db_find("Interface", ("external_ids", "=", {"iface-id": port_id}),
+                                columns=["external_ids"]).execute(check_error=True)
+        return next((vm for row in rows if (vm := row["external_ids"].get(EXT_ATTACHED_TO))), None)
+
+    def ensure_attached(self, port_id: str, mac: str, vm_netns: str, *, mtu: int = 1400) -> bool:
+        """`attach` unless the port is plugged into that VM already (True if it plugged it now);
+        IaaSError if it is plugged into another VM."""
+        where = self.vm_of(port_id)
+        if where == vm_netns:
+            return False
+        if where is not None:
+            raise IaaSError(f"port {port_id} is plugged into {where}, not {vm_netns}")
+        self.attach(port_id, mac, vm_netns, mtu=mtu)
+        return True
 
     def _wait_ofport(self, tap: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = Path(os.environ.get("NETCTL_LAB_DIR", "/var/lib/netctl/lab"))
 BRIDGE = "br-int"
+VM_NIC = "eth1"  # a node VM's NIC on its tenant network (eth0 is unused; mgmt0 reaches the API)
+VM_TRUNK_BRIDGE = "br-trunk"  # nested-vlan VMs: the guest's OVS bridge holding the trunk NIC
 POD_PORT = 8080
 LAB_IMAGE = "netctl.io/lab/busybox:1"
 REPO = Path(__file__).resolve().parents[2]
@@ -119,6 +121,7 @@ class Lab:
         self._identities: dict[int, str] = {}
         self._metrics_urls: dict[int, str] = {}
         self.runtimes: dict[str, Any] = {}
+        self.vm_ovs: dict[str, Any] = {}  # nested-vlan node VMs: the guest's own OVS holding the trunk
         self.cni_agents: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
 
@@ -242,7 +245,7 @@ class Lab:
     def _apply_tenants(self) -> None:
         docs = []
         for t in self.topology.tenants:
-            spec: dict[str, Any] = {"cidr": t.cidr}
+            spec: dict[str, Any] = {"cidr": t.cidr, "mode": t.mode}
             if t.gateway:
                 spec["gateway"] = t.gateway
             docs.append({"apiVersion": "netctl.io/v1alpha1", "kind": "Tenant", "metadata": {"name": t.name},
@@ -289,6 +292,10 @@ class Lab:
             f"--kubeconfig={self.cp.kubeconfig('netctl-controller')}",
             f"--ovn-nb={self.ovn.nb_connection}",
             f"--chassis={self.chassis}",
+            # the lab's one hypervisor: hot-plugs pod ports into node VMs of nested-nic tenants
+            f"--hypervisor-ovsdb={self.ovs.db_connection}",
+            f"--hypervisor-netns=/run/netns/{self.hv_netns}",
+            f"--hypervisor-bridge={BRIDGE}",
             f"--metrics-port={metrics_port}",
             "--lease-namespace=kube-system",
             f"--identity={identity}",
@@ -366,10 +373,10 @@ class Lab:
         node_dir = self.run_dir / "nodes" / node.name
         node_dir.mkdir(parents=True, exist_ok=True)
         config = node_dir / "cni-agent.json"
+        ovsdb, ovs_netns = self._node_ovs(node)
         config.write_text(json.dumps({
             "socket": str(self.cni_agent_socket(node.name)), "nodeName": node.name,
-            "kubeconfig": str(self.cp.kubeconfig("netctl-cni")), "ovsdb": self.ovs.db_connection,
-            "ovsNetns": f"/run/netns/{self.hv_netns}"}, indent=2))
+            "kubeconfig": str(self.cp.kubeconfig("netctl-cni")), "ovsdb": ovsdb, "ovsNetns": ovs_netns}, indent=2))
         daemon = Daemon(f"netctl-cni-agent[{node.name}]", [sys.executable, "-m", "cni.agent", "--config", str(config)],
                         node_dir / "cni-agent.log", node_dir / "cni-agent.pid", netns=self.node_netns(node.name))
         daemon.start()
@@ -383,21 +390,40 @@ class Lab:
         daemon.wait_ready(accepts, 30, "accepting connections")
         return daemon
 
+    def _mode(self, node: NodeSpec) -> str:
+        return self.topology.tenant(node.tenant).mode
+
+    def _node_ovs(self, node: NodeSpec) -> tuple[str, str]:
+        """(OVSDB, its netns) the node's CNI plugs into: the hypervisor's in mode ovs (the lab's
+        shortcut), the VM's own (holding the trunk) in nested-vlan; nested-nic needs none."""
+        if self._mode(node) == "nested-vlan":
+            return self.vm_ovs[node.name].db_connection, f"/run/netns/{self.node_netns(node.name)}"
+        if self._mode(node) == "nested-nic":
+            return "", ""
+        return self.ovs.db_connection, f"/run/netns/{self.hv_netns}"
+
     def cni_conflist(self, node: NodeSpec, node_address: str | None = None) -> dict[str, Any]:
         """The node's conflist; with ``node_address`` pods route the Service CIDR via their node."""
+        mode = self._mode(node)
+        plugin: dict[str, Any] = {
+            "type": "netctl-cni",
+            "kubeconfig": str(self.cp.kubeconfig("netctl-cni")),
+            "nodeName": node.name,
+            "logFile": str(self.run_dir / "nodes" / node.name / "cni.log"),
+            "agentSocket": str(self.cni_agent_socket(node.name)),
+        }
+        ovsdb, ovs_netns = self._node_ovs(node)
+        if mode == "ovs":
+            plugin.update(ovsdb=ovsdb, bridge=BRIDGE, ovsNetns=ovs_netns)
+        elif mode == "nested-vlan":  # no 802.1Q in this kernel: the VM's OVS tags (DESIGN §5)
+            plugin.update(mode=mode, trunkInterface=VM_NIC, vlanBackend="ovs", bridge=VM_TRUNK_BRIDGE,
+                          ovsdb=ovsdb, ovsNetns=ovs_netns)
+        else:
+            plugin.update(mode=mode)
         conf: dict[str, Any] = {
             "cniVersion": "1.0.0",
             "name": "netctl",
-            "plugins": [{
-                "type": "netctl-cni",
-                "kubeconfig": str(self.cp.kubeconfig("netctl-cni")),
-                "nodeName": node.name,
-                "ovsdb": self.ovs.db_connection,
-                "bridge": BRIDGE,
-                "ovsNetns": f"/run/netns/{self.hv_netns}",
-                "logFile": str(self.run_dir / "nodes" / node.name / "cni.log"),
-                "agentSocket": str(self.cni_agent_socket(node.name)),
-            }, {
+            "plugins": [plugin, {
                 # hostPort: kubelet -> containerd pass `portMappings` to plugins declaring it; the
                 # reference portmap DNATs node address:hostPort to the pod address from our result.
                 "type": "portmap", "capabilities": {"portMappings": True}, "snat": True,
@@ -477,6 +503,9 @@ class Lab:
         owner = PortOwner(kind="node", name=node.name, namespace=None, uid=None, tenant=node.tenant)
         port = self.iaas.create_port(net, owner, f"node-{node.name}", node=node.name,
                                      extra_allowed_cidrs=(self.topology.service_cidr,))
+        if self._mode(node) != "ovs":
+            self._plug_vm_nic(node, netns, port, net.mtu)
+            return port
         plug_port(
             ovsdb=self.ovs.db_connection, bridge=BRIDGE, ovs_netns=f"/run/netns/{self.hv_netns}",
             target_netns=f"/run/netns/{netns}", ifname="eth1",
@@ -485,6 +514,35 @@ class Lab:
             owner_tag=f"node:{node.name}",
         )
         return port
+
+    def _plug_vm_nic(self, node: NodeSpec, netns: str, port: Any, mtu: int) -> None:
+        """Nested tenants: the VM's NIC plugged by the hypervisor (as pods' NICs will be), which also
+        records the VM it went into; in nested-vlan it is a trunk on the guest's own OVS bridge and
+        the node's address sits on that bridge's internal port."""
+        from pyroute2 import NetNS
+
+        from netctl.iaas.ovn_nested import Hypervisor
+        from netctl.lab.ovs import OvsStack
+
+        Hypervisor(self.ovs.api, BRIDGE, f"/run/netns/{self.hv_netns}").attach(
+            port.id, port.mac, f"/run/netns/{netns}", mtu=mtu, vm_ifname=VM_NIC)
+        addr_on = VM_NIC
+        if self._mode(node) == "nested-vlan":
+            ovs = OvsStack(self.run_dir / "nodes" / node.name / "ovs", netns=netns, timeout=60)
+            self.vm_ovs[node.name] = ovs
+            ovs.start()
+            ovs.add_bridge(VM_TRUNK_BRIDGE, fail_mode="standalone")
+            ovs.add_port(VM_TRUNK_BRIDGE, VM_NIC)
+            # the bridge's own port speaks for the VM: it must carry the NIC's MAC (port security)
+            ovs.api.db_set("Bridge", VM_TRUNK_BRIDGE, ("other_config", {"hwaddr": port.mac})).execute(
+                check_error=True)
+            addr_on = VM_TRUNK_BRIDGE
+        with NetNS(netns) as ns:
+            for name in dict.fromkeys((VM_NIC, addr_on)):
+                (idx,) = ns.link_lookup(ifname=name)
+                ns.link("set", index=idx, state="up", mtu=mtu)
+            (idx,) = ns.link_lookup(ifname=addr_on)
+            ns.addr("add", index=idx, address=port.ip, prefixlen=port.prefixlen)
 
     def attach_internet(self) -> str:
         """The provider network's upstream router + a host beyond it, as netns `internet_netns`."""

@@ -9,12 +9,20 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from netctl.annotations import POD_MODES
+
 
 @dataclass(frozen=True)
 class TenantSpec:
     name: str
     cidr: str
     gateway: str | None = None
+    # how its pods attach (Tenant spec.mode): ovs, or inside its node VMs nested-nic / nested-vlan
+    mode: str = "ovs"
+
+    def __post_init__(self) -> None:
+        if self.mode not in POD_MODES:
+            raise ValueError(f"tenant {self.name}: mode {self.mode!r} is not one of {', '.join(POD_MODES)}")
 
     @property
     def namespace(self) -> str:
