@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from netctl.iaas.base import (
     IaaSConflict,
     IaaSError,
     IaaSUnavailable,
+    NestingUnsupported,
     NetworkSpec,
     Port,
     PortNotFound,
@@ -206,6 +208,40 @@ def test_bind_port(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
     with pytest.raises(PortNotFound):
         iaas.bind_port("pod-does-not-exist", "node-z")
     iaas.delete_network(t)
+
+
+def test_subports_take_the_lowest_free_vlan_per_parent(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
+    """Nested-vlan: children of a VM's port, chosen in the transaction (also under concurrency)."""
+    t = tenant_name(ovn_env, "sub")
+    net = iaas.ensure_network(NetworkSpec(t, "10.62.0.0/24", "10.62.0.1"))
+    vm1, vm2 = (iaas.create_port(net, PortOwner("node", n, None, None, t), f"node-{t}-{n}") for n in ("a", "b"))
+    pods = iaas.create_ports(net, [PortRequest(f"pod-uid-sub-{i}", pod_owner(t, f"s{i}")) for i in range(12)])
+    first = iaas.attach_subport(pods[0].id, vm1.id)
+    assert (first.parent, first.vlan) == (vm1.id, 1)
+    assert iaas.attach_subport(pods[0].id, vm1.id) == first  # idempotent: keeps its VLAN
+    assert nb_get(ovn_env, first.id, "parent_name") == vm1.id and nb_get(ovn_env, first.id, "tag_request") == "1"
+    with ThreadPoolExecutor(6) as pool:  # one client, several workers: one VLAN each, no duplicates
+        got = list(pool.map(lambda p: iaas.attach_subport(p.id, vm1.id).vlan, pods[1:9]))
+    assert sorted(got) == list(range(2, 10))
+    assert iaas.attach_subport(pods[9].id, vm2.id).vlan == 1  # per parent
+    iaas.detach_subport(pods[3].id)
+    assert nb_get(ovn_env, pods[3].id, "parent_name") == "[]" and iaas.get_port(pods[3].id).vlan is None
+    gap = {p.vlan for p in (iaas.get_port(q.id) for q in pods[:9]) if p is not None and p.vlan} ^ set(range(1, 10))
+    assert iaas.attach_subport(pods[10].id, vm1.id).vlan == min(gap)  # the freed VLAN comes back first
+    # a released (pooled) port is no subport any more
+    (pooled,) = iaas.release_ports([pods[0].id])
+    assert pooled.parent is None and pooled.vlan is None
+    other = iaas.ensure_network(NetworkSpec(tenant_name(ovn_env, "sub2"), "10.63.0.0/24", "10.63.0.1"))
+    stranger = iaas.create_port(other, pod_owner(other.tenant, "x"), "pod-uid-sub-x")
+    with pytest.raises(IaaSConflict):
+        iaas.attach_subport(stranger.id, vm1.id)
+    with pytest.raises(PortNotFound):
+        iaas.attach_subport(pods[11].id, "node-nobody")
+    with pytest.raises(NestingUnsupported):  # this client has no hypervisor
+        iaas.hotplug_port(pods[11].id, vm1.id)
+    iaas.delete_ports([p.id for p in iaas.list_ports(t)] + [stranger.id])
+    iaas.delete_network(t)
+    iaas.delete_network(other.tenant)
 
 
 def test_batch_of_200_is_distinct_and_one_transaction(ovn_env: OvnEnv, iaas: OvnIaaS) -> None:
