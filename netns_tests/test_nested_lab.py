@@ -9,8 +9,9 @@ a VM can reach the hypervisor's OVS: each pod's network comes from the IaaS, ask
 - nested-vlan: the controller makes each pod's port a VLAN subport of its VM's NIC (OVN parent_name
   / tag_request, the lowest VLAN free on that VM) and writes the VLAN into the annotation; the CNI
   gives the pod an access port of that VLAN on the VM's own OVS, whose trunk is the VM's NIC.
-Real TCP between pods on one VM and across VMs, never across tenants; deleting a pod unplugs its
-NIC / frees its VLAN for the next pod.
+Real TCP between pods on one VM and across VMs, never across tenants; a ClusterIP Service answers
+through kproxy on the client's VM (pods route the Service CIDR via their node's address); deleting
+a pod unplugs its NIC / frees its VLAN for the next pod.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import pytest
 
 from netctl.annotations import PORT_ANNOTATION, PortAnnotation
 from netctl.iaas.ovn_nested import EXT_ATTACHED_TO, tap_name
-from netctl.lab.lab import VM_TRUNK_BRIDGE, Lab
+from netctl.lab.lab import POD_PORT, VM_TRUNK_BRIDGE, Lab
+from netctl.lab.probe import tcp_probe
 from netctl.lab.topology import NodeSpec, PodSpec, TenantSpec, Topology
 from netns_tests.waiting import wait_for
 
@@ -42,7 +44,7 @@ PODS = (PodSpec("n1", "nic", "nic-1"), PodSpec("n2", "nic", "nic-2"), PodSpec("n
 def lab() -> Iterator[Lab]:
     prefix = "nn" + secrets.token_hex(2)
     topo = Topology((NIC, VLAN), NODES, PODS)
-    with Lab(topo, run_dir=Path("/var/lib/netctl/test") / prefix, prefix=prefix, services=False) as lab:
+    with Lab(topo, run_dir=Path("/var/lib/netctl/test") / prefix, prefix=prefix) as lab:
         lab.create_pods()
         lab.wait_pods_running(timeout=240)
         yield lab
@@ -88,6 +90,23 @@ def test_pods_reach_their_tenant_across_vms_and_never_the_other_tenant(lab: Lab)
     assert by_tenant == {"nic": {"n1", "n2", "n3"}, "vlan": {"v1", "v2", "v3"}}
     for r in rows:
         assert set(r["reaches"]) == by_tenant[r["tenant"]] - {r["pod"]}, r
+
+
+@pytest.mark.parametrize("tenant,client,server", [(NIC, "n1", "n2"), (VLAN, "v1", "v3")])
+def test_cluster_ip_service_answers_through_the_clients_vm(lab: Lab, tenant: TenantSpec, client: str,
+                                                           server: str) -> None:
+    doc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": tenant.namespace},
+           "spec": {"selector": {"netctl.io/lab-pod": server}, "ports": [{"port": 80, "targetPort": POD_PORT}]}}
+    path = lab.run_dir / f"svc-{tenant.name}.json"
+    path.write_text(json.dumps(doc))
+    lab.cp.kubectl("apply", "-f", str(path))
+    ip = lab.cp.kubectl("get", "service", "-n", tenant.namespace, "web", "-o", "jsonpath={.spec.clusterIP}").strip()
+    spec = next(p for p in PODS if p.name == client)
+    src = lab.pod_netns(tenant.namespace, client, spec.node or "")
+    wait_for(lambda: tcp_probe(src, ip, 80), f"{client} -> Service {ip}:80 (backend {server})", 60)
+    other = next(p for p in PODS if p.tenant != tenant.name)
+    assert not tcp_probe(lab.pod_netns(lab.topology.tenant(other.tenant).namespace, other.name, other.node or ""),
+                         ip, 80)  # the other tenant's kproxy knows nothing of it
 
 
 def test_nic_pods_got_hot_plugged_nics_in_their_vms(lab: Lab) -> None:

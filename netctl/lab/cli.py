@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from netctl.annotations import POD_MODES
 from netctl.lab.k8s import find_k8s_binary
 from netctl.lab.lab import DEFAULT_RUN_DIR, Lab, LabState
 from netctl.lab.topology import demo
@@ -51,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--public-cidr", default=None,
                         help="(up) provider network for pods annotated netctl.io/public-ip: \"true\" (e.g. "
                         "203.0.113.0/24), with an \"internet\" netns holding its gateway")
+    parser.add_argument("--mode", choices=POD_MODES, default="ovs",
+                        help="(up) how the tenants' pods attach: ovs (veth on the hypervisor's br-int, default), "
+                        "nested-nic (the controller hot-plugs each pod's port into its node VM) or nested-vlan "
+                        "(each pod's port is a VLAN subport of its VM's NIC, tagged by the VM's own OVS)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -87,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"removing an incomplete lab in {args.run_dir} first")
         Lab(demo(), args.run_dir, prefix=state.prefix).down()
     t0 = time.monotonic()
-    topology = dataclasses.replace(demo(), public_cidr=args.public_cidr)
+    topology = demo()
+    topology = dataclasses.replace(
+        topology, public_cidr=args.public_cidr,
+        tenants=tuple(dataclasses.replace(t, mode=args.mode) for t in topology.tenants))
     lab = Lab(topology, args.run_dir, progress=lambda m: print(m, flush=True))
     try:
         lab.up()
