@@ -132,3 +132,42 @@ def test_unknown_mode_is_ovs(world):
     ctl, _, _ = world
     ctl.caches.tenants.put(nested_tenant("z", "10.9.0.0/24", "nested-bogus"))
     assert ctl.mode_of("z") == "ovs" and ctl.mode_of("v") == "nested-vlan" and ctl.mode_of("none") == "ovs"
+
+
+def test_settled_nested_pods_are_not_requeued_by_the_resync(world):
+    ctl, pods, iaas = world
+    for name, ns, node_name in (("a", "tenant-v", "v-1"), ("w", "tenant-n", "n-1")):
+        pods.put(pod(name, ns=ns, uid=f"u{name}", node=node_name))
+        ctl.sync_pod(f"{ns}/{name}")
+    assert ctl.plan().pods_to_sync == ()  # no node binding to "repair": the IaaS binds nested ports
+    iaas.detach_subport("pod-ua")  # the subport undone behind our back: the annotation's VLAN is stale
+    assert ctl.plan().pods_to_sync == ("tenant-v/a",)
+    ctl.sync_pod("tenant-v/a")
+    assert iaas.get_port("pod-ua").parent == "node-v-1" and ctl.plan().pods_to_sync == ()
+
+
+@pytest.mark.parametrize("ns,node_name", [("tenant-v", "v-1"), ("tenant-n", "n-1")])
+def test_public_port_goes_to_the_vm_like_the_tenant_port(world, ns, node_name):
+    from netctl.annotations import PUBLIC_IP_ANNOTATION, PUBLIC_PORT_ANNOTATION
+    from netctl.controller.public import PublicConfig
+
+    ctl, pods, iaas = world
+    ctl.public = PublicConfig("203.0.113.0/24")
+    p = pod("pub", ns=ns, uid="up", node=node_name)
+    p["metadata"]["annotations"] = {PUBLIC_IP_ANNOTATION: "true"}
+    pods.put(p)
+    ctl.sync_pod(f"{ns}/pub")
+    raw = pods.get(f"{ns}/pub")["metadata"]["annotations"][PUBLIC_PORT_ANNOTATION]
+    public = PortAnnotation.from_json(raw, PUBLIC_PORT_ANNOTATION)
+    tenant_port = annotation(pods, f"{ns}/pub")
+    assert public.tenant == "public" and tenant_port is not None
+    if ns == "tenant-v":  # a second VLAN under the same VM NIC, on the provider switch
+        assert sorted([tenant_port.vlan, public.vlan]) == [1, 2]
+        assert iaas.get_port(public.port_id).parent == "node-v-1"
+    else:
+        assert public.vlan is None and iaas.plugged == {"pod-up": "node-n-1", public.port_id: "node-n-1"}
+    assert not any(c.startswith("bind_port") for c in iaas.calls)
+    assert ctl.plan().pods_to_sync == ()
+    pods.remove(f"{ns}/pub")
+    ctl.sync_pod(f"{ns}/pub")
+    assert iaas.get_port(public.port_id) is None and iaas.plugged == {}

@@ -339,14 +339,15 @@ class PortController:
         if nested:
             if bind_to is None:
                 return  # no annotation before the pod's VM gives it a NIC or a VLAN: the CNI waits
-            port = self._nest(pod, key, port, bind_to)
+            port = self._nest(pod, key, port, bind_to, self.mode_of(tenant))
         want = expected_annotation(port, net.gateway, net.mtu)
         patch: dict[str, str | None] = {}
         if not annotation_matches(pod, want):
             patch[PORT_ANNOTATION] = want.to_json()
         # The tenant annotation is written even when the public port fails (then retried): the
         # pod's own network never waits on the optional one.
-        public_json, public_failure = self._sync_public(pod, key, uid, public_held, bind_to)
+        public_json, public_failure = self._sync_public(pod, key, uid, public_held, bind_to,
+                                                        self.mode_of(tenant))
         if public_json is not None:
             patch[PUBLIC_PORT_ANNOTATION] = public_json
         if patch:
@@ -368,10 +369,11 @@ class PortController:
         named = model.annotations_of(self.caches.nodes.get(node) or {}).get(VM_PORT_ANNOTATION)
         return named or model.port_id_for_node(node)
 
-    def _nest(self, pod: Obj, key: str, port: Port, node: str) -> Port:
-        """Give the pod's port to its VM: a VLAN subport of the VM's NIC, or a hot-plugged NIC."""
+    def _nest(self, pod: Obj, key: str, port: Port, node: str, mode: str) -> Port:
+        """Give one of the pod's ports (its tenant port or its public port) to its VM, as the pod's
+        tenant's `mode` says: a VLAN subport of the VM's NIC, or a hot-plugged NIC."""
         vm_port = self.vm_port_of(node)
-        vlan = self.mode_of(port.tenant) == "nested-vlan"
+        vlan = mode == "nested-vlan"
         try:
             if vlan:
                 if port.parent != vm_port or port.vlan is None:
@@ -390,9 +392,13 @@ class PortController:
         return port
 
     def _unplug(self, ports: list[Port] | list[tuple[str, str]]) -> None:
-        """Hot-plugged NICs of nested-nic tenants leave their VM before the port is pooled or deleted."""
+        """Hot-plugged NICs of nested-nic tenants leave their VM before the port is pooled or deleted
+        (a public port by its pod's namespace's tenant)."""
         for item in ports:
             pid, tenant = (item.id, item.tenant) if isinstance(item, Port) else item
+            if tenant == PUBLIC_NETWORK:
+                owner = item.owner if isinstance(item, Port) else None
+                tenant = (self.tenant_of_namespace(owner.namespace) if owner and owner.namespace else None) or ""
             if self.mode_of(tenant) == "nested-nic" and self.iaas.unplug_port(pid):
                 self._metric("unplug", "ok")
 
@@ -418,8 +424,8 @@ class PortController:
             self._public_net = net
         return net
 
-    def _sync_public(self, pod: Obj, key: str, uid: str, held: list[Port],
-                     bind_to: str | None) -> tuple[str | None, Exception | None]:
+    def _sync_public(self, pod: Obj, key: str, uid: str, held: list[Port], bind_to: str | None,
+                     mode: str = "ovs") -> tuple[str | None, Exception | None]:
         """Give the pod its public port if it asks for one (or keep the one it has): returns (the
         `netctl.io/public-port` value to write, None if it is right already; the failure to retry)."""
         wants, malformed = pub.requested(pod)
@@ -430,6 +436,7 @@ class PortController:
             self.free_ports(extra, why=f"pod {key} held more than one public port")
         if port is None and (not wants or model.meta(pod).get("deletionTimestamp")):
             return None, None  # never a new public address for a pod that is going away
+        nested = mode != "ovs"
         try:
             net = self.public_network()
             if net is None:
@@ -441,13 +448,15 @@ class PortController:
                 meta = model.meta(pod)
                 owner = PortOwner(kind="pod", name=str(meta.get("name")), namespace=meta.get("namespace"),
                                   uid=uid, tenant=PUBLIC_NETWORK)
-                port = self.iaas.create_port(net, owner, pub.public_port_id(uid), node=bind_to)
+                port = self.iaas.create_port(net, owner, pub.public_port_id(uid), node=None if nested else bind_to)
                 self._metric("public-create", "ok")
                 self.recorder.record(pod, "Normal", "PublicPortCreated",
                                      f"public port {port.id} ip {port.ip} on {net.id}")
-            elif bind_to and port.node != bind_to:
+            elif bind_to and port.node != bind_to and not nested:
                 port = self.iaas.bind_port(port.id, bind_to)
                 self._metric("bind", "ok")
+            if nested and bind_to:  # the second NIC / VLAN of the pod's VM (on the provider switch)
+                port = self._nest(pod, key, port, bind_to, mode)
         except Exception as exc:
             self._metric("public-create", "error")
             self.recorder.record(pod, "Warning", "PublicPortFailed", f"public port for {key}: {exc}")
@@ -460,6 +469,7 @@ class PortController:
         (scrubbed: new name, new address, no identity), the rest deleted."""
         public_ids = [p.id for p in ports if pub.is_public(p)]
         if public_ids:  # a public address is the pod's alone: never pooled for another pod
+            self._unplug([p for p in ports if pub.is_public(p)])
             log.info("deleting public ports %s: %s", public_ids, why)
             self.iaas.delete_ports(public_ids)
             self._metric("delete", "ok")
@@ -530,9 +540,10 @@ class PortController:
             if ns not in ns_tenant:
                 ns_tenant[ns] = self.tenant_of_namespace(ns)
             tenant_of[model.key_of(pod)] = ns_tenant[ns]
-        plan = plan_sync(pods, tenant_of, ports, networks, pool_ceiling=self.pool.ceiling)
+        nested = {t for t in set(tenant_of.values()) if t is not None and self.mode_of(t) != "ovs"}
+        plan = plan_sync(pods, tenant_of, ports, networks, pool_ceiling=self.pool.ceiling, nested_tenants=nested)
         gateway, mtu = networks.get(PUBLIC_NETWORK, (None, 0))
-        pplan = pub.plan_public(pods, tenant_of, public_ports, gateway, mtu, self.public.enabled)
+        pplan = pub.plan_public(pods, tenant_of, public_ports, gateway, mtu, self.public.enabled, nested)
         if pplan.freed or pplan.pods_to_sync:
             plan = dataclasses.replace(plan, public_freed=pplan.freed,
                                        pods_to_sync=tuple(sorted({*plan.pods_to_sync, *pplan.pods_to_sync})))
@@ -545,6 +556,7 @@ class PortController:
             self.ensure_public_network()  # at start (the first reconcile) and repaired every resync
         plan = self.plan()
         if plan.public_freed:
+            self._unplug([p for pid in plan.public_freed if (p := self.iaas.get_port(pid)) is not None])
             log.info("resync: deleting %d public ports of gone pods", len(plan.public_freed))
             self.iaas.delete_ports(plan.public_freed)
             self._metric("delete", "ok")

@@ -10,7 +10,7 @@ pod: its sandbox may already use it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from netctl.annotations import (
@@ -90,6 +90,7 @@ def plan_public(
     gateway: str | None,
     mtu: int,
     enabled: bool,
+    nested_tenants: Collection[str] = (),
 ) -> PublicPlan:
     """Compare the pods with the provider network's ports (`ports`: only those).
 
@@ -116,7 +117,8 @@ def plan_public(
                 to_sync.append(key_of(pod))
             continue
         node = (pod.get("spec") or {}).get("nodeName")
-        if (node and keep.node != node) or not public_annotation_matches(
+        bound_by_us = tenant_of_pod.get(key_of(pod)) not in nested_tenants  # nested: bound where the VM is
+        if (node and bound_by_us and keep.node != node) or not public_annotation_matches(
                 pod, expected_public_annotation(keep, gateway, mtu)):
             to_sync.append(key_of(pod))
     return PublicPlan(tuple(orphans), tuple(sorted(duplicates)), tuple(sorted(to_sync)))

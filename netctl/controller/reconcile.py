@@ -9,7 +9,7 @@ repaired to match a port bound to that pod, never the other way round.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from netctl.annotations import AnnotationError, PortAnnotation
@@ -89,12 +89,14 @@ def plan_sync(
     ports: Iterable[Port],
     networks: Mapping[str, tuple[str | None, int]],
     pool_ceiling: int | None = None,
+    nested_tenants: Collection[str] = (),
 ) -> SyncPlan:
     """Compare every pod with every netctl port.
 
     ``tenant_of_pod`` maps pod key -> tenant (None: namespace belongs to no tenant);
     ``networks`` maps tenant -> (gateway, mtu) for the annotation check; ``pool_ceiling`` is the
-    most pooled ports a tenant may hold (None: leave pools alone).
+    most pooled ports a tenant may hold (None: leave pools alone). Ports of ``nested_tenants`` are
+    bound by the IaaS where their VM is, not to a node by us: no node check for them.
     """
     wanted: dict[str, Obj] = {}  # pod uid -> pod
     for pod in pods:
@@ -136,7 +138,7 @@ def plan_sync(
             to_sync.append(key)
             continue
         node = (pod.get("spec") or {}).get("nodeName")
-        if node and have.node != node:
+        if node and have.node != node and tenant not in nested_tenants:
             to_sync.append(key)
             continue
         gateway, mtu = networks.get(have.tenant, (None, 0))
