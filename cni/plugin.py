@@ -251,9 +251,6 @@ def cmd_add(inv: Invocation, conf: NetConf, log: Log, res: Resources) -> Result:
     prev = Result.from_dict(conf.prev_result) if conf.prev_result is not None else None
     deadline = time.monotonic() + conf.annotation_timeout_s
     port, uid, public = res.resolve(conf, ns, name, inv.args.pod_uid, deadline, log)
-    if public is not None and conf.netlink_only:
-        raise CniError(Code.INVALID_NETCONF, f"invalid network config: pod {ns}/{name} has a public port, but the "
-                       f"public NIC is plugged in mode ovs only, not {conf.mode}")
     ours = plug(inv, conf, port, ns, name, uid, log, res)
     if public is not None:
         ours = _with_public(inv, conf, ours, public, ns, name, uid, log, res)
@@ -267,6 +264,10 @@ def _with_public(inv: Invocation, conf: NetConf, ours: Result, public: PortAnnot
     from cni import public_nic
 
     try:
+        if conf.netlink_only:
+            from cni import nested_verbs
+
+            return public_nic.combined(ours, nested_verbs.plug_public(inv, conf, public, log, res))
         return public_nic.combined(ours, public_nic.plug(inv, conf, public, ns, name, uid, log, res))
     except BaseException as exc:
         try:

@@ -1,4 +1,5 @@
-"""The optional public NIC (`net1`): a second ovs-mode veth on the provider network, and the
+"""The optional public NIC (`net1`): a second ovs-mode veth on the provider network (in the nested
+modes the pod's second NIC or VLAN from its VM: cni.nested_verbs.plug_public), and the
 source-based policy routing that makes replies from its address leave through it.
 
 Why policy routing: the pod's default route stays on `eth0` (the tenant network: Services, peers,
@@ -137,7 +138,7 @@ def _dst(route: Any) -> str:
     return f"{route.get_attr('RTA_DST') or '0.0.0.0'}/{route['dst_len']}"
 
 
-# ---- the verbs' share (called by cni.plugin; ovs mode only) ------------------------------------------
+# ---- the verbs' share (called by cni.plugin; ovs mode and nested-vlan on the VM's OVS) ---------------
 
 
 def _annotations(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -201,6 +202,7 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
     """Plug `net1` like eth0 (a veth on br-int with the port's iface-id) but without a default route
     in the main table, then its policy routing; on failure nothing of `net1` is left."""
     from cni import ovs_binding as ob
+    from cni.plugin import nested_vlan_id
     from netctl.annotations import PUBLIC_IFNAME
 
     host = ob.host_ifname(inv.container_id, PUBLIC_IFNAME)
@@ -208,12 +210,14 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
            ob.EXT_NETWORK: conf.name, ob.EXT_POD_UID: uid}
     routing = plan(port)
 
+    vlan = nested_vlan_id(conf, port)  # nested-vlan on the VM's OVS: an access port of the public VLAN
+
     def plumb(ovs: Any, hns: Any) -> Any:
         done = ob.plug_port(
             ovsdb=conf.ovsdb, bridge=conf.bridge, ovs_netns=conf.ovs_netns, target_netns=inv.netns,
             ifname=PUBLIC_IFNAME, host_ifname=host, port_id=port.port_id, mac=port.mac, cidr=port.ip,
             gateway=None, mtu=port.mtu, owner_tag=f"{ob.OWNER_POD_PREFIX}{ns}/{name}", external_ids=ids,
-            alias=ob.attachment_alias(conf.name, inv.container_id, PUBLIC_IFNAME), ovs=ovs, host=hns,
+            alias=ob.attachment_alias(conf.name, inv.container_id, PUBLIC_IFNAME), vlan=vlan, ovs=ovs, host=hns,
         )
         try:
             apply(inv.netns, PUBLIC_IFNAME, routing)
@@ -279,6 +283,7 @@ def check_from_prev(inv: Invocation, conf: NetConf, prev: Result, res: Resources
         ifname=PUBLIC_IFNAME, host_ifname=ob.host_ifname(inv.container_id, PUBLIC_IFNAME),
         mac=prev.interfaces[index].mac, cidrs=[ip.address for ip in ips],
         external_ids={ob.EXT_CONTAINER_ID: inv.container_id, ob.EXT_IFNAME: PUBLIC_IFNAME}, ovs=ovs, host=hns,
+        tagged=conf.mode == "nested-vlan",
     ))
     for ip in ips:
         iface = ipaddress.IPv4Interface(ip.address)

@@ -11,7 +11,8 @@ a VM can reach the hypervisor's OVS: each pod's network comes from the IaaS, ask
   gives the pod an access port of that VLAN on the VM's own OVS, whose trunk is the VM's NIC.
 Real TCP between pods on one VM and across VMs, never across tenants; a ClusterIP Service answers
 through kproxy on the client's VM (pods route the Service CIDR via their node's address); deleting
-a pod unplugs its NIC / frees its VLAN for the next pod.
+a pod unplugs its NIC / frees its VLAN for the next pod. A pod asking for a public IP gets its
+public port the same way (second NIC / second VLAN) as `net1`, reachable from the lab's internet.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from netctl.annotations import PORT_ANNOTATION, PortAnnotation
+from netctl.annotations import PORT_ANNOTATION, PUBLIC_PORT_ANNOTATION, PortAnnotation
 from netctl.iaas.ovn_nested import EXT_ATTACHED_TO, tap_name
 from netctl.lab.lab import POD_PORT, VM_TRUNK_BRIDGE, Lab
 from netctl.lab.probe import tcp_probe
@@ -38,24 +39,26 @@ VLAN = TenantSpec("vlan", "10.44.0.0/24", mode="nested-vlan")
 NODES = (NodeSpec("nic-1", "nic"), NodeSpec("nic-2", "nic"), NodeSpec("vlan-1", "vlan"), NodeSpec("vlan-2", "vlan"))
 PODS = (PodSpec("n1", "nic", "nic-1"), PodSpec("n2", "nic", "nic-2"), PodSpec("n3", "nic", "nic-1"),
         PodSpec("v1", "vlan", "vlan-1"), PodSpec("v2", "vlan", "vlan-1"), PodSpec("v3", "vlan", "vlan-2"))
+PUBLIC_PODS = (PodSpec("np", "nic", "nic-2", public=True), PodSpec("vp", "vlan", "vlan-2", public=True))
+PUBLIC_CIDR = "203.0.113.0/24"
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     prefix = "nn" + secrets.token_hex(2)
-    topo = Topology((NIC, VLAN), NODES, PODS)
+    topo = Topology((NIC, VLAN), NODES, PODS + PUBLIC_PODS, public_cidr=PUBLIC_CIDR)
     with Lab(topo, run_dir=Path("/var/lib/netctl/test") / prefix, prefix=prefix) as lab:
         lab.create_pods()
         lab.wait_pods_running(timeout=240)
         yield lab
 
 
-def port_of(lab: Lab, name: str) -> PortAnnotation:
+def port_of(lab: Lab, name: str, annotation: str = PORT_ANNOTATION) -> PortAnnotation:
     found = [p for p in lab.pods() if p["metadata"]["name"] == name]
     assert found, f"pod {name} not found"
-    raw = (found[0]["metadata"].get("annotations") or {}).get(PORT_ANNOTATION)
-    assert raw, f"pod {name} has no {PORT_ANNOTATION}"
-    return PortAnnotation.from_json(raw)
+    raw = (found[0]["metadata"].get("annotations") or {}).get(annotation)
+    assert raw, f"pod {name} has no {annotation}"
+    return PortAnnotation.from_json(raw, annotation)
 
 
 def run(*argv: str) -> str:
@@ -75,9 +78,9 @@ def links(netns: str) -> dict[str, dict]:
     return {link["ifname"]: link for link in out}
 
 
-def pod_eth0_mac(lab: Lab, spec: PodSpec) -> str:
+def pod_mac(lab: Lab, spec: PodSpec, ifname: str = "eth0") -> str:
     path = lab.pod_netns(lab.topology.tenant(spec.tenant).namespace, spec.name, spec.node or "")
-    out = json.loads(run("nsenter", f"--net={path}", "ip", "-j", "link", "show", "eth0"))
+    out = json.loads(run("nsenter", f"--net={path}", "ip", "-j", "link", "show", ifname))
     return str(out[0]["address"])
 
 
@@ -87,9 +90,29 @@ def test_pods_reach_their_tenant_across_vms_and_never_the_other_tenant(lab: Lab)
     for r in rows:
         by_tenant.setdefault(r["tenant"], set()).add(r["pod"])
         assert r["ip"] == port_of(lab, r["pod"]).ip.split("/")[0], r
-    assert by_tenant == {"nic": {"n1", "n2", "n3"}, "vlan": {"v1", "v2", "v3"}}
+    assert by_tenant == {"nic": {"n1", "n2", "n3", "np"}, "vlan": {"v1", "v2", "v3", "vp"}}
     for r in rows:
         assert set(r["reaches"]) == by_tenant[r["tenant"]] - {r["pod"]}, r
+
+
+@pytest.mark.parametrize("spec", PUBLIC_PODS, ids=lambda s: s.name)
+def test_public_nic_from_the_vm_answers_the_internet(lab: Lab, spec: PodSpec) -> None:
+    """The public port reaches the pod the way its tenant port does (a second hot-plugged NIC / a
+    second VLAN under the VM's NIC), as `net1` with its policy routing: the internet host gets in."""
+    port, public = port_of(lab, spec.name), port_of(lab, spec.name, PUBLIC_PORT_ANNOTATION)
+    assert public.tenant == "public" and pod_mac(lab, spec, "net1") == public.mac
+    if spec.tenant == "vlan":
+        assert public.vlan is not None and public.vlan != port.vlan
+        assert nbctl(lab, "lsp-get-parent", public.port_id) == f"node-{spec.node}"
+    else:
+        assert public.vlan is None
+        vm = f"/run/netns/{lab.node_netns(spec.node or '')}"
+        assert hv_vsctl(lab, "get", "Interface", tap_name(public.port_id),
+                        f'external_ids:"{EXT_ATTACHED_TO}"').strip('"') == vm
+    internet = f"/run/netns/{lab.internet_netns}"
+    ip = public.ip.split("/")[0]
+    wait_for(lambda: tcp_probe(internet, ip, POD_PORT), f"internet -> {spec.name} public {ip}:{POD_PORT}", 30)
+    assert not tcp_probe(internet, port.ip.split("/")[0], POD_PORT)  # the tenant address stays private
 
 
 @pytest.mark.parametrize("tenant,client,server", [(NIC, "n1", "n2"), (VLAN, "v1", "v3")])
@@ -118,7 +141,7 @@ def test_nic_pods_got_hot_plugged_nics_in_their_vms(lab: Lab) -> None:
                           f"external_ids:iface-id={port.port_id}").split()
         assert ifaces == [tap_name(port.port_id)], ifaces
         assert hv_vsctl(lab, "get", "Interface", ifaces[0], f'external_ids:"{EXT_ATTACHED_TO}"').strip('"') == vm
-        assert pod_eth0_mac(lab, spec) == port.mac  # the NIC the hypervisor made, moved into the pod
+        assert pod_mac(lab, spec) == port.mac  # the NIC the hypervisor made, moved into the pod
         assert nbctl(lab, "lsp-get-parent", port.port_id) == ""
 
 
@@ -134,7 +157,7 @@ def test_vlan_pods_are_subports_of_their_vms_nic(lab: Lab) -> None:
                         "Interface", f"external_ids:iface-id={port.port_id}").split()
         assert run("ovs-vsctl", f"--db={vm_ovs.db_connection}", "get", "Port", access, "tag") == str(port.vlan)
         assert run("ovs-vsctl", f"--db={vm_ovs.db_connection}", "port-to-br", access) == VM_TRUNK_BRIDGE
-        assert pod_eth0_mac(lab, spec) == port.mac
+        assert pod_mac(lab, spec) == port.mac
     # nothing of the pods is on the hypervisor's bridge: only the VMs' own NICs
     assert not hv_vsctl(lab, "--bare", "--columns=name", "find", "Interface",
                         f"external_ids:iface-id={got['v1'].port_id}")
@@ -161,4 +184,4 @@ def test_deleting_pods_unplugs_nics_and_frees_vlans(lab: Lab) -> None:
     v4 = port_of(lab, "v4")
     assert v4.vlan == v2.vlan and nbctl(lab, "lsp-get-parent", v4.port_id) == "node-vlan-1"
     reach = {r["pod"]: r["reaches"] for r in lab.pod_table(probe=True)}
-    assert set(reach["v4"]) == {"v1", "v3"} and "v4" in reach["v3"]
+    assert set(reach["v4"]) == {"v1", "v3", "vp"} and "v4" in reach["v3"]

@@ -46,6 +46,7 @@ from ovsdbapp.backend.ovs_idl import idlutils
 from ovsdbapp.schema.ovn_northbound.impl_idl import OvnNbApiIdlImpl
 
 from netctl import ipam
+from netctl.annotations import PUBLIC_NETWORK
 from netctl.iaas.base import (
     Claim,
     IaaS,
@@ -975,7 +976,7 @@ class OvnIaaS(IaaS):
         port, parent = self.get_port(port_id), self.get_port(parent_id)
         if port is None or parent is None:
             raise PortNotFound(f"no port {port_id if port is None else parent_id}")
-        if port.tenant != parent.tenant:
+        if port.tenant not in (parent.tenant, PUBLIC_NETWORK):  # the provider network is every tenant's
             raise IaaSConflict(f"port {port_id} of tenant {port.tenant} cannot be a subport of {parent_id} "
                                f"of tenant {parent.tenant}")
         if port.parent == parent_id and port.vlan is not None:

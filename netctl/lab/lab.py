@@ -35,7 +35,13 @@ from typing import Any
 
 import yaml
 
-from netctl.annotations import PORT_ANNOTATION, TENANT_LABEL, AnnotationError, PortAnnotation
+from netctl.annotations import (
+    PORT_ANNOTATION,
+    PUBLIC_IP_ANNOTATION,
+    TENANT_LABEL,
+    AnnotationError,
+    PortAnnotation,
+)
 from netctl.lab.topology import NodeSpec, PodSpec, Topology, demo
 
 log = logging.getLogger(__name__)
@@ -565,7 +571,8 @@ class Lab:
         return {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod.name, "namespace": t.namespace,
-                         "labels": {"app": "netctl-demo", "netctl.io/lab-pod": pod.name}},
+                         "labels": {"app": "netctl-demo", "netctl.io/lab-pod": pod.name},
+                         **({"annotations": {PUBLIC_IP_ANNOTATION: "true"}} if pod.public else {})},
             "spec": {
                 "nodeSelector": selector,
                 "terminationGracePeriodSeconds": 1,

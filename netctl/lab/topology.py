@@ -40,6 +40,7 @@ class PodSpec:
     name: str
     tenant: str
     node: str | None = None  # pin to a node (through a nodeSelector); None lets the scheduler choose
+    public: bool = False  # ask for a public NIC (netctl.io/public-ip; needs Topology.public_cidr)
 
 
 @dataclass(frozen=True)
