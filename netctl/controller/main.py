@@ -144,7 +144,10 @@ def _iaas(cfg: ControllerConfig):  # type: ignore[no-untyped-def]
         from netctl.iaas.ovn_nested import Hypervisor
 
         hypervisor = Hypervisor.connect(cfg.hypervisor_ovsdb, cfg.hypervisor_bridge, cfg.hypervisor_netns)
-    return OvnIaaS(cfg.ovn_nb, chassis_of=(lambda node: chassis) if chassis else None, hypervisor=hypervisor)
+    # The NB replica fills while the informers list (both wait mostly on their servers); the
+    # leader's first reconcile is the first call that needs it.
+    return OvnIaaS(cfg.ovn_nb, chassis_of=(lambda node: chassis) if chassis else None, hypervisor=hypervisor,
+                   sync_in_background=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
