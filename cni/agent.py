@@ -294,7 +294,7 @@ class AgentResources(plugin.Resources):
         if st is None:
             return None
         try:
-            ns = ob.Netns(path)
+            ns = ob.Netns(path, echo=True)  # plug_port reads the new host end from the echo
         except OSError:
             return None  # the binding opens it itself and reports the error
         self._hosts[path] = ns

@@ -12,7 +12,7 @@ from its own configuration, never from the caller. stdin is passed as text decod
 in-process plugin would.
 
 This module is what the executable imports on the hot path (DESIGN §5): only modules built into
-the interpreter (os, time, and the C halves `_socket` and `_json` of socket and json). The
+the interpreter (posix, time, and the C halves `_socket` and `_json` of socket and json). The
 pure-Python `socket` and `json` pull in re, enum, selectors and collections, which cost ~15 ms of
 an ~10 ms interpreter start on this machine; the JSON the executable reads (its config, the
 agent's answer) is decoded with the C scanner `json` itself uses, and what it writes (a request,
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import _json
 import _socket
-import os
+import posix
 import time
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms on the hot path
@@ -216,7 +216,7 @@ def forward(path: str, version: str, timeout: float, env: Mapping[str, str], std
 def _fail(out: IO[str], version: str, code: int, msg: str, details: str, env: Mapping[str, str]) -> int:
     out.write(_error(version, code, msg, details))
     try:  # noqa: SIM105 (contextlib is not imported on the hot path) -- the runtime logs our stderr
-        os.write(2, f"netctl-cni {env.get('CNI_COMMAND', '')}: [{code}] {msg}: {details}\n".encode())
+        posix.write(2, f"netctl-cni {env.get('CNI_COMMAND', '')}: [{code}] {msg}: {details}\n".encode())
     except OSError:
         pass
     return 1

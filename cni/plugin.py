@@ -498,12 +498,11 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
             ifname=inv.ifname, host_ifname=host, port_id=port.port_id, mac=port.mac, cidr=port.ip,
             gateway=port.gateway, mtu=port.mtu, owner_tag=f"{ob.OWNER_POD_PREFIX}{ns}/{name}", external_ids=ids,
             routes=routes, alias=ob.attachment_alias(conf.name, inv.container_id, inv.ifname), vlan=vlan,
-            ovs=ovs, host=hns,
+            ovs=ovs, host=hns, wait_attached=False,  # DESIGN §5: vswitchd attaches on its own time; CHECK verifies
         ))
     except ob.BindingError as e:
         raise _binding_error(e, "plugging the pod") from None
-    log.info(f"plugged {done.ifname} ({port.ip}, {port.mac}) <-> {done.host_ifname} ofport {done.ofport} "
-             f"port {port.port_id}")
+    log.info(f"plugged {done.ifname} ({port.ip}, {port.mac}) <-> {done.host_ifname} port {port.port_id}")
     return Result(
         interfaces=(Interface(done.host_ifname, done.host_mac),
                     Interface(done.ifname, done.mac, inv.netns, done.mtu)),
