@@ -218,6 +218,7 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
             ifname=PUBLIC_IFNAME, host_ifname=host, port_id=port.port_id, mac=port.mac, cidr=port.ip,
             gateway=None, mtu=port.mtu, owner_tag=f"{ob.OWNER_POD_PREFIX}{ns}/{name}", external_ids=ids,
             alias=ob.attachment_alias(conf.name, inv.container_id, PUBLIC_IFNAME), vlan=vlan, ovs=ovs, host=hns,
+            wait_attached=False,  # as eth0 (DESIGN §5): vswitchd attaches it in the background; CHECK verifies
         )
         try:
             apply(inv.netns, PUBLIC_IFNAME, routing)
@@ -229,7 +230,7 @@ def plug(inv: Invocation, conf: NetConf, port: PortAnnotation, ns: str, name: st
         return done
 
     done = res.plumb(conf, plumb)
-    log.info(f"plugged {done.ifname} ({port.ip}, {port.mac}) <-> {done.host_ifname} ofport {done.ofport} "
+    log.info(f"plugged {done.ifname} ({port.ip}, {port.mac}) <-> {done.host_ifname} "
              f"public port {port.port_id}, replies from {routing.source} via table {routing.table}")
     return Result(
         interfaces=(Interface(done.host_ifname, done.host_mac), Interface(done.ifname, done.mac, inv.netns, done.mtu)),
