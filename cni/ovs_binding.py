@@ -50,7 +50,6 @@ from ovsdbapp.backend.ovs_idl import idlutils
 from ovsdbapp.backend.ovs_idl import transaction as ovs_transaction
 from ovsdbapp.schema.open_vswitch import impl_idl
 from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
 from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink import NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_ERROR, nlmsgerr
 from pyroute2.netlink.exceptions import NetlinkError
@@ -59,6 +58,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
+from netctl.netns import thread_in
 from netctl.ovsdb import per_instance_connection
 
 _log = logging.getLogger("netctl.cni.ovs")
@@ -380,7 +380,7 @@ class Netns:
         self.ipr_echo: IPRoute | None = None
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with _entered(self.fd):
+            with thread_in(self.fd):
                 self.ipr = IPRoute()
                 try:
                     self.ethtool = IoctlEthtool()
@@ -449,20 +449,6 @@ class Netns:
             if r.get_attr("RTA_OIF") == index:
                 out.add((f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", r.get_attr("RTA_GATEWAY")))
         return out
-
-
-@contextlib.contextmanager
-def _entered(fd: int) -> Iterator[None]:
-    """Run the block with the calling thread in the netns `fd`, then return to where it was."""
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        pyroute2_netns.setns(fd)
-        try:
-            yield
-        finally:
-            pyroute2_netns.setns(here)
-    finally:
-        os.close(here)
 
 
 def _link_error(what: str, e: BaseException) -> LinkError:
@@ -681,7 +667,7 @@ class _Sandbox:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with _entered(self.fd):
+            with thread_in(self.fd):
                 self.sock = _rtnl_socket()
                 try:
                     self.ethtool = IoctlEthtool()
@@ -698,7 +684,7 @@ class _Sandbox:
         os.close(self.fd)
 
     def index(self, ifname: str) -> int | None:
-        with _entered(self.fd):
+        with thread_in(self.fd):
             try:
                 return socket.if_nametoindex(ifname)
             except OSError:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,23 +64,15 @@ def valid_with_public(valid: Iterable[tuple[str, str]], public_ifname: str) -> l
 def _in_netns(path: str) -> Iterator[Any]:
     """An IPRoute opened inside the netns at `path`; the calling thread stays there for the block."""
     from pyroute2 import IPRoute
-    from pyroute2 import netns as pyroute2_netns
 
-    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        pyroute2_netns.setns(target)
+    from netctl.netns import thread_in
+
+    with thread_in(path):
+        ipr = IPRoute()
         try:
-            ipr = IPRoute()
-            try:
-                yield ipr
-            finally:
-                ipr.close()
+            yield ipr
         finally:
-            pyroute2_netns.setns(here)
-    finally:
-        os.close(here)
-        os.close(target)
+            ipr.close()
 
 
 def _index(ipr: Any, ifname: str) -> int | None:

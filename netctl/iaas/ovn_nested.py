@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +33,11 @@ from ovsdbapp.backend.ovs_idl import connection as ovsdb_connection
 from ovsdbapp.schema.open_vswitch.impl_idl import OvsdbIdl as OvsIdlImpl
 from ovsdbapp.schema.ovn_northbound.impl_idl import OvnNbApiIdlImpl
 from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
 from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netctl.iaas.base import IaaSError, IaaSUnavailable, PortNotFound
+from netctl.netns import thread_in
 from netctl.ovsdb import per_instance_connection
 
 LSP = "Logical_Switch_Port"
@@ -151,27 +150,13 @@ def tap_name(port_id: str) -> str:
     return TAP_PREFIX + hashlib.sha1(port_id.encode(), usedforsecurity=False).hexdigest()[:11]
 
 
-@contextlib.contextmanager
-def _thread_in(path: str) -> Iterator[None]:
-    """The calling thread in netns `path` for the block (sockets opened there stay there)."""
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        pyroute2_netns.setns(path)
-        try:
-            yield
-        finally:
-            pyroute2_netns.setns(here)
-    finally:
-        os.close(here)
-
-
 class _Ns:
     """IPRoute + ethtool handles inside one netns."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        with _thread_in(path):
+        with thread_in(path):
             self.ipr = IPRoute()
             self.ethtool = IoctlEthtool()
 
