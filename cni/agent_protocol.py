@@ -71,6 +71,8 @@ def loads(text: str) -> Any:
         value, end = _scan(text, start)
     except StopIteration:
         raise ValueError("not JSON") from None
+    except RecursionError:  # nested deeper than the interpreter recurses: no config of ours
+        raise ValueError("JSON nested too deeply") from None
     except SystemError:  # the C scanner raises its errors from json.decoder, which is not imported here
         import json
 
@@ -171,6 +173,19 @@ def agent_target(data: bytes) -> tuple[str, str, float] | None:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
         timeout = DEFAULT_ANNOTATION_TIMEOUT_S  # the agent rejects it with code 7
     return path, str(version), float(timeout) + GRACE_S
+
+
+def version_answer(data: bytes) -> str:
+    """VERSION, answered by the executable itself: what cni.spec.version_result says (the asked
+    cniVersion if we speak it, else the latest; whatever stdin holds), as cni.spec.dumps writes it."""
+    try:
+        conf = loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        conf = None
+    asked = conf.get("cniVersion") if isinstance(conf, dict) else None
+    version = asked if isinstance(asked, str) and asked in VERSIONS else VERSIONS[-1]
+    return (f'{{"cniVersion":{_quote(version)},"supportedVersions":['
+            f'{",".join(_quote(v) for v in VERSIONS)}]}}')
 
 
 def _error(version: str, code: int, msg: str, details: str) -> str:

@@ -9,7 +9,8 @@ Two ways to run a verb:
   printed. This path imports only built-in modules (cni.agent_protocol: os, _socket, _json) —
   start-up time is pod start time (DESIGN §5). An agent that is not there is code 11 (STATUS: 50)
   naming the socket, within the timeout, never a hang.
-- no `agentSocket`, VERSION, or a config the fast path cannot read: the verb runs in this process
+- VERSION is answered here, from built-ins too (its answer depends only on the asked cniVersion).
+- no `agentSocket`, or a config the fast path cannot read: the verb runs in this process
   (cni.plugin), which also produces every config error with its proper code.
 
 The forwarding path needs neither site-packages nor the editable-install finder, so the
@@ -61,6 +62,14 @@ def forwarded(env: Mapping[str, str], stdin: IO[bytes] | bytes, out: IO[str]) ->
     from cni import agent_protocol
 
     data: IO[bytes] | bytes = stdin
+    if env.get("CNI_COMMAND") == "VERSION":  # a probe with a fixed answer: no agent, no site-packages
+        try:
+            data = data if isinstance(data, bytes) else data.read()
+        except OSError:
+            data = b""  # VERSION answers whatever stdin holds, even nothing
+        out.write(agent_protocol.version_answer(data))
+        out.flush()
+        return 0, data
     if env.get("CNI_COMMAND") in agent_protocol.FORWARDED:
         if not isinstance(data, bytes):
             try:

@@ -184,3 +184,47 @@ def test_the_forwarding_modules_import_no_pure_python_socket_or_json() -> None:
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+DEEP = b"[" * 100_000  # deeper than the interpreter recurses
+
+
+def test_json_nested_too_deeply_is_a_spec_error_not_a_traceback() -> None:
+    with pytest.raises(ValueError):
+        proto.loads(DEEP.decode())
+    assert proto.agent_target(DEEP) is None  # the in-process path reports it (code 6)
+    for command in ("ADD", "VERSION"):
+        proc = subprocess.run([str(BINARY)], input=DEEP, capture_output=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": "abc",
+                                   "CNI_NETNS": "/run/netns/nothing", "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"})
+        assert b"Traceback" not in proc.stderr, proc.stderr
+        out = json.loads(proc.stdout)
+        if command == "ADD":
+            assert proc.returncode == 1 and out["code"] == 6, out
+        else:  # VERSION answers whatever stdin holds
+            assert proc.returncode == 0 and out["cniVersion"] == SUPPORTED_VERSIONS[-1], out
+
+
+@pytest.mark.parametrize("stdin", [b"", b"{}", b"garbage", b"\xff", b"[]", b'{"cniVersion": 1}', DEEP,
+                                   b'{"cniVersion": "0.3.1"}', b'{"cniVersion": "0.4.0"}', b'{"cniVersion": "1.0.0"}',
+                                   b'{"cniVersion": "1.1.0", "name": "n", "type": "netctl-cni"}'])
+def test_version_is_answered_on_the_fast_path_exactly_as_in_process(stdin: bytes) -> None:
+    from cni import plugin
+
+    out = io.StringIO()
+    assert plugin.run({"CNI_COMMAND": "VERSION"}, stdin, out) == 0
+    fast = io.StringIO()
+    assert cni_main.run({"CNI_COMMAND": "VERSION"}, stdin, fast) == 0
+    assert fast.getvalue() == proto.version_answer(stdin) == out.getvalue()
+
+
+def test_version_through_the_binary_imports_nothing_heavy() -> None:
+    code = ("import io, json, os, sys\nfrom cni import main\nout = io.StringIO()\n"
+            "rc = main.run(os.environ, sys.stdin.buffer.read(), out)\n"
+            "heavy = [m for m in ('cni.plugin', 'cni.spec', 'cni.netconf') if m in sys.modules]\n"
+            "print(json.dumps({'rc': rc, 'out': json.loads(out.getvalue()), 'heavy': heavy}))")
+    proc = subprocess.run([sys.executable, "-c", code], input=b'{"cniVersion": "0.4.0"}', capture_output=True,
+                          timeout=60, env={**os.environ, "CNI_COMMAND": "VERSION"})
+    doc = json.loads(proc.stdout)
+    assert doc["rc"] == 0 and doc["out"] == {"cniVersion": "0.4.0", "supportedVersions": list(SUPPORTED_VERSIONS)}
+    assert doc["heavy"] == []
